@@ -1,0 +1,106 @@
+"""What FLUX.1-dev is: its component architectures, and scaled presets built with random weights."""
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+from models.tokenizers import CLIP_MAX_LENGTH, build_clip_tokenizer, build_t5_tokenizer
+
+# black-forest-labs/FLUX.1-dev, component by component.
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+    guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+FLUX_DEV_T5 = dict(  # google/t5-v1_1-xxl encoder
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6,
+    tie_word_embeddings=False,
+)
+FLUX_DEV_CLIP = dict(  # openai/clip-vit-large-patch14 text tower
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu",
+)
+FLUX_DEV_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611,
+    shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+)
+FLUX_DEV_SCHEDULER = dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+    base_image_seq_len=256, max_image_seq_len=4096,
+)
+
+
+@dataclass(frozen=True)
+class FluxPreset:
+    """A FLUX.1-dev variant: overrides applied to each component's real configuration."""
+
+    name: str
+    description: str
+    transformer: dict = field(default_factory=dict)
+    t5: dict = field(default_factory=dict)
+    clip: dict = field(default_factory=dict)
+    vae: dict = field(default_factory=dict)
+
+    def transformer_config(self) -> dict:
+        return {**FLUX_DEV_TRANSFORMER, **self.transformer}
+
+    def t5_config(self) -> T5Config:
+        return T5Config(**{**FLUX_DEV_T5, **self.t5})
+
+    def clip_config(self, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+        """CLIP pools at the eos token, so its special ids follow the tokenizer's."""
+        special_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+        return CLIPTextConfig(**{**FLUX_DEV_CLIP, **self.clip, **special_ids})
+
+    def vae_config(self) -> dict:
+        return {**FLUX_DEV_VAE, **self.vae}
+
+
+_TINY_VOCAB = dict(vocab_size=600)
+PRESETS = {
+    preset.name: preset
+    for preset in (
+        FluxPreset(
+            "tiny", "64-wide, 1 double + 1 single block: seconds on a CPU, for tests and the demo",
+            transformer=dict(num_layers=1, num_single_layers=1, attention_head_dim=64, num_attention_heads=1,
+                             joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(8, 28, 28)),
+            t5=dict(_TINY_VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4),
+            clip=dict(_TINY_VOCAB, hidden_size=64, intermediate_size=128, projection_dim=64,
+                      num_hidden_layers=1, num_attention_heads=2),
+            vae=dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
+        ),
+        FluxPreset(
+            "medium", "real FLUX.1-dev layer shapes, 1 double + 1 single block, 1 T5 and 1 CLIP layer",
+            transformer=dict(num_layers=1, num_single_layers=1),
+            t5=dict(num_layers=1),
+            clip=dict(num_hidden_layers=1),
+        ),
+        FluxPreset("full", "the real FLUX.1-dev size (12B transformer, T5-XXL encoder)"),
+    )
+}
+
+
+def build_transformer(preset: FluxPreset, dtype: torch.dtype = torch.bfloat16) -> FluxTransformer2DModel:
+    return FluxTransformer2DModel(**preset.transformer_config()).to(dtype).eval()
+
+
+def build_pipeline(preset_name: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> FluxPipeline:
+    """Build a complete FluxPipeline with random weights, reproducibly from `seed`."""
+    preset = PRESETS[preset_name]
+    torch.manual_seed(seed)
+    clip_tokenizer = build_clip_tokenizer()
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
+        vae=AutoencoderKL(**preset.vae_config()).to(dtype).eval(),
+        text_encoder=CLIPTextModel(preset.clip_config(clip_tokenizer)).to(dtype).eval(),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=T5EncoderModel(preset.t5_config()).to(dtype).eval(),
+        tokenizer_2=build_t5_tokenizer(),
+        transformer=build_transformer(preset, dtype),
+    )
