@@ -1,0 +1,32 @@
+# Two commands: `make demo` and `make test`. Everything else is a step they share.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+TINY := build/flux-tiny
+
+.PHONY: install demo test tiny bento clean
+install: $(VENV)/installed
+
+# torch first, pinned: the CPU build from local disk on CPU machines, not a multi-GB CUDA build.
+$(VENV)/installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e '.[test]'
+	touch $@
+
+tiny: install
+	$(PYTHON) -m models tiny --out $(TINY)
+
+demo: tiny
+	$(PYTHON) -m quantize $(TINY) --recipe int8
+	$(PYTHON) -m quantize $(TINY) --recipe int4
+	$(PYTHON) -m service.demo --out build/demo.png
+
+test: install
+	$(PYTHON) -m pytest
+
+bento: install
+	$(VENV)/bin/bentoml build .
+
+clean:
+	rm -rf build

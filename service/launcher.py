@@ -1,0 +1,62 @@
+"""Start `bentoml serve` in the background, wait until it is ready, stop it cleanly."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class ServerFailed(RuntimeError):
+    """The server exited or did not become ready; the message holds its log's tail."""
+
+
+def _log_tail(log: Path, lines: int = 30) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServerFailed(f"server exited with {process.returncode}:\n{_log_tail(log)}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise ServerFailed(f"server not ready after {timeout_s:.0f} s:\n{_log_tail(log)}")
+
+
+@contextmanager
+def running_server(port: int, log: Path, env: dict[str, str] | None = None, timeout_s: float = 300,
+                   target: str = "service.service:Flux") -> Iterator[str]:
+    """Serve `target` on 127.0.0.1:`port`; yields the base URL; the server is stopped on exit."""
+    command = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as log_stream:
+        process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **(env or {})}, stdout=log_stream,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, log, timeout_s)
+        yield url
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen, grace_s: float = 20) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
