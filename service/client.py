@@ -1,15 +1,21 @@
-"""Client for the FLUX service: `python -m service.client "a prompt" -o out.png`."""
+"""Clients for the FLUX service: `python -m service.client "a prompt" -o out.png [--grpc]`."""
 
 import argparse
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
+from rich.progress import Progress
 
 from service.schema import GenerationRequest
+from service.stubs import messages, services
+
+FORMATS = {"png": messages.IMAGE_FORMAT_PNG, "jpeg": messages.IMAGE_FORMAT_JPEG}
 
 
 class FluxClient:
-    """HTTP client; raises httpx.HTTPStatusError with the server's message on 4xx/5xx."""
+    """HTTP: raises httpx.HTTPStatusError carrying the server's message on 4xx/5xx."""
 
     def __init__(self, url: str = "http://127.0.0.1:3000", timeout_s: float = 900) -> None:
         self.http = httpx.Client(base_url=url, timeout=timeout_s)
@@ -23,11 +29,45 @@ class FluxClient:
         return response.content
 
 
+class FluxGrpcClient:
+    """gRPC (flux.v1.TextToImage): raises grpc.RpcError with the status code and message."""
+
+    def __init__(self, target: str = "127.0.0.1:50051") -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.stub = services.TextToImageStub(self.channel)
+
+    @staticmethod
+    def message(request: GenerationRequest, image_format: str = "png"):
+        return messages.GenerateRequest(**request.model_dump(), format=FORMATS[image_format])
+
+    def generate(self, request: GenerationRequest, image_format: str = "png", timeout_s: float | None = None):
+        return self.stub.Generate(self.message(request, image_format), timeout=timeout_s)
+
+    def generate_stream(self, request: GenerationRequest, image_format: str = "png",
+                        timeout_s: float | None = None) -> Iterator:
+        """Progress events, then one event holding the result."""
+        return self.stub.GenerateStream(self.message(request, image_format), timeout=timeout_s)
+
+
+def stream_with_progress_bar(client: FluxGrpcClient, request: GenerationRequest, image_format: str) -> bytes:
+    with Progress(transient=True) as progress:
+        task = progress.add_task("denoising", total=request.steps)
+        for event in client.generate_stream(request, image_format):
+            if event.HasField("progress"):
+                progress.update(task, completed=event.progress.step)
+            else:
+                return event.result.image
+    raise RuntimeError("the stream ended without an image")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m service.client", description=__doc__)
     parser.add_argument("prompt")
-    parser.add_argument("-o", "--out", type=Path, required=True, help="PNG file to write")
-    parser.add_argument("--url", default="http://127.0.0.1:3000")
+    parser.add_argument("-o", "--out", type=Path, required=True, help="image file to write")
+    parser.add_argument("--url", default="http://127.0.0.1:3000", help="HTTP base URL")
+    parser.add_argument("--grpc", action="store_true", help="use gRPC (streaming, with a progress bar)")
+    parser.add_argument("--target", default="127.0.0.1:50051", help="gRPC host:port")
+    parser.add_argument("--format", choices=sorted(FORMATS), default="png", help="gRPC only")
     for name, field in GenerationRequest.model_fields.items():
         if name != "prompt":
             parser.add_argument(f"--{name}", type=field.annotation, default=field.default, help=field.description)
@@ -36,10 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    fields = {name: getattr(args, name) for name in GenerationRequest.model_fields}
-    png = FluxClient(args.url).txt2img(GenerationRequest(**fields))
+    request = GenerationRequest(**{name: getattr(args, name) for name in GenerationRequest.model_fields})
+    if args.grpc:
+        image = stream_with_progress_bar(FluxGrpcClient(args.target), request, args.format)
+    else:
+        image = FluxClient(args.url).txt2img(request)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(png)
+    args.out.write_bytes(image)
     print(args.out)
 
 

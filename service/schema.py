@@ -26,3 +26,10 @@ class GenerationRequest(BaseModel):
     def shape(self) -> tuple[int, int, int, float]:
         """Requests with the same shape run as one pipeline call."""
         return (self.height, self.width, self.steps, self.guidance)
+
+
+class WorkItem(GenerationRequest):
+    """A request as the batching worker sees it: who sent it, and an id to follow or cancel it."""
+
+    protocol: str = "http"
+    job_id: str = ""

@@ -1,4 +1,4 @@
-"""BentoML services: a batching FLUX worker and the HTTP front that calls it."""
+"""BentoML services: a batching FLUX worker, and the front that serves it over HTTP and gRPC."""
 
 import io
 import logging
@@ -10,13 +10,21 @@ import torch
 from PIL import Image
 
 from models.artifact import load_pipeline
-from service.render import render_batch
-from service.schema import GenerationRequest
+from service.grpc_server import start_grpc_server
+from service.jobs import JobBoard
+from service.render import prepare_for_serving, render_batch
+from service.schema import GenerationRequest, WorkItem
 
 ARTIFACT_ENV = "FLUX_ARTIFACT"
 DEFAULT_ARTIFACT = "flux-tiny-int8:latest"
 MAX_BATCH_SIZE = int(os.environ.get("FLUX_MAX_BATCH_SIZE", 8))
 MAX_LATENCY_MS = int(os.environ.get("FLUX_MAX_LATENCY_MS", 600_000))  # above one full batch's run
+MAX_IN_FLIGHT = int(os.environ.get("FLUX_MAX_IN_FLIGHT", 64))  # per front worker, HTTP and gRPC each
+GRPC_ADDRESS = os.environ.get("FLUX_GRPC_ADDRESS", "0.0.0.0:50051")
+WARMUP_SIZE = int(os.environ.get("FLUX_WARMUP_SIZE", 256))  # warm the largest size you serve on a GPU
+WARMUP_STEPS = int(os.environ.get("FLUX_WARMUP_STEPS", 1))
+BATCHES = bentoml.metrics.Counter(name="flux_batches", documentation="Batches run, by the protocols they mixed",
+                                  labelnames=["protocols"])
 logger = logging.getLogger("bentoml.flux")
 
 
@@ -37,31 +45,50 @@ class FluxWorker:
 
     def __init__(self) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.pipe, self.manifest = load_pipeline(Path(self.artifact.path))
-        self.pipe.to(self.device)
-        self.pipe.set_progress_bar_config(disable=True)
-        render_batch(self.pipe, [GenerationRequest(prompt="warm-up", width=256, height=256, steps=1)])
+        pipe, self.manifest = load_pipeline(Path(self.artifact.path))
+        self.pipe = prepare_for_serving(pipe, self.device)
+        self.jobs = JobBoard()
+        warmup = WorkItem(prompt="warm-up", width=WARMUP_SIZE, height=WARMUP_SIZE, steps=WARMUP_STEPS)
+        render_batch(self.pipe, [warmup])
         logger.info("serving %s (%s, %s)", self.artifact.tag, self.manifest.recipe, self.device)
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def generate(self, requests: list[GenerationRequest]) -> list[bytes]:
-        """PNG bytes per request; a batch may mix shapes."""
-        return render_batch(self.pipe, requests)
+    def generate(self, requests: list[WorkItem]) -> list[bytes]:
+        """PNG bytes per request; a batch may mix shapes and protocols."""
+        BATCHES.labels(protocols="+".join(sorted({request.protocol for request in requests}))).inc()
+        return render_batch(self.pipe, requests, self.jobs)
+
+    @bentoml.api
+    async def progress(self, job_id: str) -> int:
+        return self.jobs.progress(job_id)
+
+    @bentoml.api
+    async def cancel(self, job_id: str) -> None:
+        self.jobs.cancel(job_id)
 
     @bentoml.api
     def info(self) -> dict:
         return {"artifact": str(self.artifact.tag), "device": str(self.device), **self.manifest.model_dump(exclude={"files"})}
 
 
-@bentoml.service(traffic={"timeout": 900, "max_concurrency": 64})
+@bentoml.service(traffic={"timeout": 900, "max_concurrency": MAX_IN_FLIGHT})
 class Flux:
-    """POST /txt2img: JSON in, image/png out."""
+    """POST /txt2img (JSON in, image/png out) and gRPC flux.v1.TextToImage on FLUX_GRPC_ADDRESS."""
 
     worker = bentoml.depends(FluxWorker)
 
+    @bentoml.on_startup
+    async def start_grpc(self) -> None:
+        self.grpc_server, self.readiness = await start_grpc_server(self.worker, GRPC_ADDRESS, MAX_IN_FLIGHT)
+
+    @bentoml.on_shutdown
+    async def stop_grpc(self) -> None:
+        self.readiness.cancel()
+        await self.grpc_server.stop(grace=30)
+
     @bentoml.api(route="/txt2img", input_spec=GenerationRequest)
     async def txt2img(self, **fields) -> Image.Image:
-        png = (await self.worker.to_async.generate([GenerationRequest(**fields)]))[0]
+        png = (await self.worker.to_async.generate([WorkItem(**fields)]))[0]
         return Image.open(io.BytesIO(png))
 
     @bentoml.api(route="/info")

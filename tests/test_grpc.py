@@ -1,0 +1,166 @@
+"""gRPC beside HTTP on one batching queue: a real server, real gRPC calls."""
+
+import io
+import re
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from service.client import FluxClient, FluxGrpcClient
+from service.launcher import REPO, running_server, stop, wait_ready
+from service.schema import GenerationRequest
+from service.stubs import SERVICE_NAME, messages
+from tests.conftest import free_port
+
+SMALL = dict(width=128, height=128, steps=2)
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_int8_tag, tmp_path_factory):
+    grpc_target = f"127.0.0.1:{free_port()}"
+    log = tmp_path_factory.mktemp("grpc") / "server.log"
+    with running_server(free_port(), log, env={"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GRPC_ADDRESS": grpc_target}) as url:
+        yield url, grpc_target
+
+
+def test_generate_returns_a_png(servers):
+    reply = FluxGrpcClient(servers[1]).generate(GenerationRequest(prompt="a fox", seed=9, **SMALL))
+    image = Image.open(io.BytesIO(reply.image))
+    assert (image.format, image.size, reply.mime_type, reply.seed) == ("PNG", (128, 128), "image/png", 9)
+    assert reply.timings.total_ms > 0
+
+
+def test_same_seed_same_bytes_over_http_and_grpc(servers):
+    request = GenerationRequest(prompt="a lighthouse", seed=1234, **SMALL)
+    assert FluxClient(servers[0]).txt2img(request) == FluxGrpcClient(servers[1]).generate(request).image
+
+
+def test_jpeg_output(servers):
+    reply = FluxGrpcClient(servers[1]).generate(GenerationRequest(prompt="a fox", **SMALL), image_format="jpeg")
+    assert reply.mime_type == "image/jpeg" and Image.open(io.BytesIO(reply.image)).format == "JPEG"
+
+
+def test_stream_reports_every_step_then_the_image(servers):
+    events = list(FluxGrpcClient(servers[1]).generate_stream(GenerationRequest(prompt="a fox", width=512, height=512,
+                                                                                steps=30)))
+    steps = [event.progress.step for event in events if event.HasField("progress")]
+    assert events[-1].HasField("result") and Image.open(io.BytesIO(events[-1].result.image)).size == (512, 512)
+    assert steps == sorted(steps) and steps and steps[-1] <= 30
+
+
+def mixed_batches(url: str) -> float:
+    found = re.search(r'flux_batches_total\{[^}]*protocols="grpc\+http"[^}]*\} (\S+)', httpx.get(f"{url}/metrics").text)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_http_and_grpc_share_one_batching_queue(servers):
+    url, target = servers
+    http, rpc = FluxClient(url), FluxGrpcClient(target)
+    calls = [lambda i=i: http.txt2img(GenerationRequest(prompt=f"h{i}", seed=i, **SMALL)) for i in range(8)]
+    calls += [lambda i=i: rpc.generate(GenerationRequest(prompt=f"g{i}", seed=i, **SMALL)).image for i in range(8)]
+    with ThreadPoolExecutor(16) as pool:
+        images = list(pool.map(lambda call: call(), calls))
+    assert all(Image.open(io.BytesIO(image)).size == (128, 128) for image in images)
+    assert mixed_batches(url) >= 1
+
+
+def test_invalid_argument_names_the_field(servers):
+    rpc = FluxGrpcClient(servers[1])
+    for message, field in ((messages.GenerateRequest(prompt="fox", width=100), "width"),
+                           (messages.GenerateRequest(prompt=""), "prompt"),
+                           (messages.GenerateRequest(prompt="fox", steps=0), "steps")):
+        with pytest.raises(grpc.RpcError) as error:
+            rpc.stub.Generate(message)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.value.details().startswith(f"{field}:")
+
+
+def test_reflection_lists_the_service(servers):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    database = ProtoReflectionDescriptorDatabase(grpc.insecure_channel(servers[1]))
+    assert SERVICE_NAME in database.get_services()
+
+
+# A server whose worker takes seconds to warm up, and admits two gRPC calls at a time.
+SLOW_START = {"FLUX_WARMUP_SIZE": "1024", "FLUX_WARMUP_STEPS": "60", "FLUX_MAX_IN_FLIGHT": "2"}
+
+
+def health(target: str) -> int:
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+    return stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2).status
+
+
+@pytest.fixture(scope="module")
+def slow_server(tiny_int8_tag, tmp_path_factory):
+    """Started by hand so the test can watch it before it is ready."""
+    port, target = free_port(), f"127.0.0.1:{free_port()}"
+    log = tmp_path_factory.mktemp("slow") / "server.log"
+    env = {**__import__("os").environ, **SLOW_START, "FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GRPC_ADDRESS": target}
+    command = [sys.executable, "-m", "bentoml", "serve", "service.service:Flux", "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as stream:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    yield f"http://127.0.0.1:{port}", target, process, log
+    stop(process)
+
+
+def test_health_and_unavailable_before_ready_then_serving(slow_server):
+    url, target, process, log = slow_server
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and health_or_none(target) is None:
+        time.sleep(0.1)
+    assert health(target) == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as error:
+        FluxGrpcClient(target).generate(GenerationRequest(prompt="too early", **SMALL))
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    wait_ready(url, process, log, timeout_s=120)
+    while time.monotonic() < deadline and health(target) != health_pb2.HealthCheckResponse.SERVING:
+        time.sleep(0.2)
+    assert health(target) == health_pb2.HealthCheckResponse.SERVING
+
+
+def health_or_none(target: str) -> int | None:
+    try:
+        return health(target)
+    except grpc.RpcError:
+        return None
+
+
+def test_overload_is_resource_exhausted(slow_server):
+    url, target, process, log = slow_server
+    wait_ready(url, process, log, timeout_s=120)
+    rpc = FluxGrpcClient(target)
+    busy = GenerationRequest(prompt="busy", width=1024, height=1024, steps=20)
+    workers = [threading.Thread(target=rpc.generate, args=(busy,)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    time.sleep(1.0)
+    with pytest.raises(grpc.RpcError) as error:
+        rpc.generate(GenerationRequest(prompt="one too many", **SMALL))
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for worker in workers:
+        worker.join()
+
+
+def test_deadline_exceeded_and_the_abandoned_work_is_stopped(slow_server):
+    url, target, process, log = slow_server
+    wait_ready(url, process, log, timeout_s=120)
+    rpc = FluxGrpcClient(target)
+    started = time.monotonic()
+    rpc.generate(GenerationRequest(prompt="probe", width=1024, height=1024, steps=100))
+    full_run_s = time.monotonic() - started
+    with pytest.raises(grpc.RpcError) as error:
+        rpc.generate(GenerationRequest(prompt="too slow", width=1024, height=1024, steps=100), timeout_s=1.0)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    started = time.monotonic()
+    rpc.generate(GenerationRequest(prompt="next", **SMALL))
+    assert time.monotonic() - started < full_run_s / 2, "the abandoned call kept the worker busy"

@@ -1,0 +1,41 @@
+"""`python -m quantize` as a user runs it."""
+
+import bentoml
+
+from tests.conftest import run_module
+
+
+def test_quantize_prints_size_table_then_tag(tiny_source):
+    result = run_module("quantize", str(tiny_source), "--recipe", "int4", "--name", "cli-check")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    tag = lines[-1]
+    assert tag.startswith("cli-check:") and " " not in tag
+    assert any(line.startswith("│ transformer") and "qint4" in line for line in lines)
+    model = bentoml.models.get(tag)
+    assert model.info.labels == {"recipe": "int4", "backend": "quanto", "source": "flux-tiny"}
+    assert (model.path_of("manifest.json"))
+
+
+def test_int8_and_int4_shrink_the_quantized_components(tiny_int8_tag, tiny_int4_tag):
+    from models.artifact import read_manifest
+    from pathlib import Path
+
+    int8 = read_manifest(Path(bentoml.models.get(tiny_int8_tag).path))
+    int4 = read_manifest(Path(bentoml.models.get(tiny_int4_tag).path))
+    for name in ("transformer", "text_encoder_2"):
+        assert int4.components[name].bytes < int8.components[name].bytes
+    assert int8.components["vae"].bytes == int4.components["vae"].bytes
+
+
+def test_bad_source_fails_clearly_and_stores_nothing(tmp_path):
+    before = {str(model.tag) for model in bentoml.models.list()}
+    result = run_module("quantize", str(tmp_path / "nowhere"), "--recipe", "int8")
+    assert result.returncode == 2
+    assert "nowhere" in result.stderr and "Traceback" not in result.stderr
+    assert {str(model.tag) for model in bentoml.models.list()} == before
+
+
+def test_unknown_recipe_is_refused(tiny_source):
+    result = run_module("quantize", str(tiny_source), "--recipe", "int3")
+    assert result.returncode == 2 and "--recipe" in result.stderr
