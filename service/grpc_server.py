@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 from PIL import Image
 from pydantic import ValidationError
 
+from service.remote import call_worker
 from service.schema import GenerationRequest, WorkItem
 from service.stubs import SERVICE_NAME, messages, services
 
@@ -59,7 +60,7 @@ class TextToImage(services.TextToImageServicer):
         reported = 0
         while not render.done():
             await asyncio.wait({render}, timeout=PROGRESS_POLL_S)
-            step = await self.worker.to_async.progress(job_id=item.job_id)
+            step = await call_worker(self.worker.to_async.progress, job_id=item.job_id)
             if step > reported:
                 reported = step
                 yield messages.GenerateEvent(progress=messages.Progress(step=step, total_steps=item.steps))
@@ -79,9 +80,9 @@ class TextToImage(services.TextToImageServicer):
         started = time.perf_counter()
         self.in_flight += 1
         try:
-            png = (await self.worker.to_async.generate([item]))[0]
+            png = (await call_worker(self.worker.to_async.generate, [item]))[0]
         except asyncio.CancelledError:  # client cancelled or deadline passed: don't render for nobody
-            await self.worker.to_async.cancel(job_id=item.job_id)
+            await call_worker(self.worker.to_async.cancel, job_id=item.job_id)
             raise
         except Exception as error:  # noqa: BLE001 - every worker failure becomes a status code
             code = STATUS_FOR_HTTP.get(getattr(error, "error_code", None), grpc.StatusCode.INTERNAL)

@@ -12,6 +12,7 @@ from PIL import Image
 from models.artifact import load_pipeline
 from service.grpc_server import start_grpc_server
 from service.jobs import JobBoard
+from service.remote import call_worker
 from service.render import prepare_for_serving, render_batch
 from service.schema import GenerationRequest, WorkItem
 
@@ -88,9 +89,9 @@ class Flux:
 
     @bentoml.api(route="/txt2img", input_spec=GenerationRequest)
     async def txt2img(self, **fields) -> Image.Image:
-        png = (await self.worker.to_async.generate([WorkItem(**fields)]))[0]
+        png = (await call_worker(self.worker.to_async.generate, [WorkItem(**fields)]))[0]
         return Image.open(io.BytesIO(png))
 
     @bentoml.api(route="/info")
     async def info(self) -> dict:
-        return await self.worker.to_async.info()
+        return await call_worker(self.worker.to_async.info)
