@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 TINY := build/flux-tiny
 
-.PHONY: install demo test tiny bento clean
+.PHONY: install demo test tiny bento bench clean
 install: $(VENV)/installed
 
 # torch first, pinned: the CPU build from local disk on CPU machines, not a multi-GB CUDA build.
@@ -25,8 +25,14 @@ demo: tiny
 test: install
 	$(PYTHON) -m pytest
 
+# A versioned GPU Bento for ARTIFACT and its exported build context (MODE=baked: model inside; slim: from S3).
+ARTIFACT ?= flux-tiny-int8:latest
+MODE ?= baked
 bento: install
-	$(VENV)/bin/bentoml build .
+	$(PYTHON) deploy/bento.py --artifact $(ARTIFACT) --mode $(MODE) --out build/bento-context-$(MODE).tar
+
+bench: install
+	$(PYTHON) -m bench --serve $(ARTIFACT) --out build/bench
 
 clean:
 	rm -rf build

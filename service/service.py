@@ -2,7 +2,6 @@
 
 import io
 import logging
-import os
 from pathlib import Path
 
 import bentoml
@@ -15,15 +14,9 @@ from service.jobs import JobBoard
 from service.remote import call_worker
 from service.render import prepare_for_serving, render_batch
 from service.schema import GenerationRequest, WorkItem
+from service.settings import (ARTIFACT, ARTIFACT_ENV, GRPC_ADDRESS, MAX_BATCH_SIZE, MAX_IN_FLIGHT, MAX_LATENCY_MS,
+                              WARMUP_SIZE, WARMUP_STEPS)
 
-ARTIFACT_ENV = "FLUX_ARTIFACT"
-DEFAULT_ARTIFACT = "flux-tiny-int8:latest"
-MAX_BATCH_SIZE = int(os.environ.get("FLUX_MAX_BATCH_SIZE", 8))
-MAX_LATENCY_MS = int(os.environ.get("FLUX_MAX_LATENCY_MS", 600_000))  # above one full batch's run
-MAX_IN_FLIGHT = int(os.environ.get("FLUX_MAX_IN_FLIGHT", 64))  # per front worker, HTTP and gRPC each
-GRPC_ADDRESS = os.environ.get("FLUX_GRPC_ADDRESS", "0.0.0.0:50051")
-WARMUP_SIZE = int(os.environ.get("FLUX_WARMUP_SIZE", 256))  # warm the largest size you serve on a GPU
-WARMUP_STEPS = int(os.environ.get("FLUX_WARMUP_STEPS", 1))
 BATCHES = bentoml.metrics.Counter(name="flux_batches", documentation="Batches run, by the protocols they mixed",
                                   labelnames=["protocols"])
 logger = logging.getLogger("bentoml.flux")
@@ -42,7 +35,7 @@ def artifact_reference(tag: str) -> bentoml.models.BentoModel:
 class FluxWorker:
     """Loads one artifact, verifies it, warms up, then renders batches."""
 
-    artifact = artifact_reference(os.environ.get(ARTIFACT_ENV, DEFAULT_ARTIFACT))
+    artifact = artifact_reference(ARTIFACT)
 
     def __init__(self) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,148 @@
+"""Kubernetes manifests, the GPU Bento's build context, and the artifact-from-S3 path, for real."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+
+import boto3
+import httpx
+import kubernetes_validate
+import pytest
+import yaml
+
+from service import settings as flux_service
+from service.launcher import REPO, running_server
+from tests.conftest import free_port, run_module
+
+OVERLAYS = ["baked", "artifact-from-s3"]
+K8S_VERSION = "1.30.0"
+CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("keda.sh/v1alpha1", "ScaledObject")}
+
+
+def render(overlay: str) -> list[dict]:
+    rendered = subprocess.run(["kubectl", "kustomize", str(REPO / "deploy/k8s/overlays" / overlay)],
+                              capture_output=True, text=True, check=True)
+    return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+
+
+def by_kind(objects: list[dict], kind: str) -> dict:
+    return next(o for o in objects if o["kind"] == kind)
+
+
+def container(objects: list[dict]) -> dict:
+    return by_kind(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def env(spec: dict) -> dict[str, str]:
+    return {item["name"]: item.get("value") for item in spec.get("env", [])}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_objects_validate_against_kubernetes_schemas(overlay):
+    objects = render(overlay)
+    kinds = {(o["apiVersion"], o["kind"]) for o in objects}
+    assert {("apps/v1", "Deployment"), ("v1", "Service"), ("policy/v1", "PodDisruptionBudget")} <= kinds
+    assert CUSTOM_RESOURCES <= kinds
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) not in CUSTOM_RESOURCES:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_manifests_match_the_service(overlay):
+    objects = render(overlay)
+    main = container(objects)
+    ports = {port["name"]: port["containerPort"] for port in main["ports"]}
+    assert ports["http"] == 3000  # `bentoml serve`'s port in the Bento image
+    assert env(main)[flux_service.ARTIFACT_ENV]  # the variable the service reads
+    assert env(main)["FLUX_GRPC_ADDRESS"].endswith(f":{ports['grpc']}")
+    assert flux_service.GRPC_ADDRESS.endswith(f":{ports['grpc']}")  # the service's own default
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert main["securityContext"]["readOnlyRootFilesystem"] is True
+    pod = by_kind(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    service_ports = {port["name"]: port["targetPort"] for port in by_kind(objects, "Service")["spec"]["ports"]}
+    assert service_ports == {"http": "http", "grpc": "grpc"}
+    scaler = by_kind(objects, "ScaledObject")
+    assert scaler["spec"]["scaleTargetRef"]["name"] == by_kind(objects, "Deployment")["metadata"]["name"]
+
+
+def probe_paths(objects: list[dict]) -> set[str]:
+    main = container(objects)
+    return {main[probe]["httpGet"]["path"] for probe in ("startupProbe", "readinessProbe", "livenessProbe")}
+
+
+@pytest.fixture
+def s3(tmp_path):
+    """A local S3 server (moto's server mode) with an empty bucket."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                   "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    client = boto3.client("s3", endpoint_url=credentials["AWS_ENDPOINT_URL"], aws_access_key_id="test",
+                          aws_secret_access_key="test", region_name="us-east-1")
+    for _ in range(100):
+        try:
+            client.create_bucket(Bucket="flux-artifacts")
+            break
+        except Exception:  # noqa: BLE001 - not listening yet
+            __import__("time").sleep(0.1)
+    yield credentials
+    server.terminate()
+    server.wait()
+
+
+def test_artifact_from_s3_init_container_then_serve(tiny_int8_tag, s3, tmp_path):
+    url = "s3://flux-artifacts/flux-tiny-int8.tar"
+    exported = run_module("bentoml", "models", "export", tiny_int8_tag, url, env=s3)
+    assert exported.returncode == 0, exported.stderr
+    objects = render("artifact-from-s3")
+    init = by_kind(objects, "Deployment")["spec"]["template"]["spec"]["initContainers"][0]
+    store = tmp_path / "bentoml"  # the emptyDir volume
+    command = [arg.replace("$(ARTIFACT_URL)", url) for arg in init["command"] + init["args"]]
+    assert command[0] == "bentoml"
+    imported = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, cwd=tmp_path,
+                              env={**os.environ, **s3, "BENTOML_HOME": str(store)})
+    assert imported.returncode == 0, imported.stderr
+    listed = run_module("bentoml", "models", "get", tiny_int8_tag, "-o", "json", env={"BENTOML_HOME": str(store)})
+    assert json.loads(listed.stdout)["labels"] == {"recipe": "int8", "backend": "quanto", "source": "flux-tiny"}
+    serve_env = {"BENTOML_HOME": str(store), "FLUX_ARTIFACT": tiny_int8_tag,
+                 "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}"}
+    with running_server(free_port(), tmp_path / "server.log", env=serve_env) as base:
+        for path in probe_paths(objects):
+            assert httpx.get(f"{base}{path}").status_code == 200, path
+        response = httpx.post(f"{base}/txt2img", json={"prompt": "from s3", "width": 64, "height": 64, "steps": 1},
+                              timeout=120)
+        assert response.status_code == 200 and response.content[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("mode", ["baked", "slim"])
+def test_gpu_bento_build_context(tiny_int8_tag, tmp_path, mode):
+    out = tmp_path / "context.tar"
+    secret = "hf_do_not_bake_me_0123456789"
+    built = subprocess.run([sys.executable, "deploy/bento.py", "--artifact", tiny_int8_tag, "--mode", mode, "--out",
+                            str(out)], cwd=REPO, capture_output=True, text=True,
+                           env={**os.environ, "HF_TOKEN": secret, "AWS_SECRET_ACCESS_KEY": secret})
+    assert built.returncode == 0, built.stderr[-3000:]
+    tag = built.stdout.strip().splitlines()[-1]
+    assert tag.startswith("flux-serve:") and tag.endswith(tiny_int8_tag.split(":")[1])
+    with tarfile.open(out) as context:
+        names = [name.lstrip("./") for name in context.getnames()]
+        read = lambda name: context.extractfile(f"./{name}").read().decode()  # noqa: E731
+        dockerfile, bento = read("env/docker/Dockerfile"), yaml.safe_load(read("bento.yaml"))
+        lock = read("env/python/requirements.lock.txt")
+        texts = [context.extractfile(m).read() for m in context.getmembers() if m.isfile() and m.size < 5_000_000]
+    assert dockerfile.startswith("#") and "FROM nvidia/cuda:" in dockerfile
+    assert dockerfile.strip().splitlines()[-1] != "USER root"
+    assert "USER bentoml" in dockerfile and "EXPOSE 3000" in dockerfile and "EXPOSE 50051" in dockerfile
+    assert "ARG FLUX_ARTIFACT=\n" in dockerfile  # declared, no value baked in
+    assert not any(secret.encode() in text for text in texts)
+    for pin in ("torch==2.13.0", "diffusers==0.42.1", "optimum-quanto==0.2.7", "bentoml==1.4.40", "grpcio==1.85.1"):
+        assert pin in lock.splitlines()
+    assert bento["labels"]["recipe"] == "int8" and bento["labels"]["artifact"] == tiny_int8_tag
+    has_model = any(name.startswith("models/flux-tiny-int8/") for name in names)
+    assert has_model == (mode == "baked")
