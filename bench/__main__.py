@@ -24,7 +24,8 @@ from bench.plot import plot_levels
 from bench.report import LevelResult, batch_histogram, batches_between
 from models.artifact import load_pipeline
 from service.launcher import running_server
-from service.render import prepare_for_serving, render_batch
+from service.placement import Placement
+from service.render import Renderer
 from service.schema import WorkItem
 
 console = Console(stderr=True)
@@ -72,12 +73,12 @@ def serving_overhead(args, mix: list[dict], artifact_tag: str) -> dict:
     """The same requests, one at a time: in-process pipeline vs through the server (HTTP)."""
     requests = request_stream(mix, args.overhead_requests, seed0=99_000)
     pipe, _ = load_pipeline(bentoml.models.get(artifact_tag).path)
-    prepare_for_serving(pipe, pipe.device)
-    render_batch(pipe, [WorkItem(**requests[0].model_dump())])  # warm-up
+    renderer = Renderer(pipe, Placement.resident(pipe.device))
+    renderer.render([WorkItem(**requests[0].model_dump())])  # warm-up
     direct, served = [], []
     for request in requests:
         started = time.perf_counter()
-        render_batch(pipe, [WorkItem(**request.model_dump())])
+        renderer.render([WorkItem(**request.model_dump())])
         direct.append(time.perf_counter() - started)
     for request in requests:
         started = time.perf_counter()

@@ -18,7 +18,8 @@ from rich.table import Table
 
 from models.architecture import build_pipeline
 from quantize.recipes import RECIPES, apply_recipe
-from service.render import prepare_for_serving, render_batch
+from service.placement import Placement
+from service.render import Renderer
 from service.schema import WorkItem
 
 GIB = 1024**3
@@ -32,16 +33,16 @@ def measure(recipe: str, preset: str, size: int, steps: int, batches: list[int])
         pipe = build_pipeline(preset)
     if recipe != "bf16":
         apply_recipe(pipe, RECIPES[recipe])
-    prepare_for_serving(pipe, device)
+    renderer = Renderer(pipe, Placement.resident(device))
     requests = [WorkItem(prompt=f"bench {i}", width=size, height=size, steps=steps, guidance=3.5, seed=i)
                 for i in range(max(batches))]
-    render_batch(pipe, requests[:1])
+    renderer.render(requests[:1])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     per_image = {}
     for batch in batches:
         started = time.perf_counter()
-        render_batch(pipe, requests[:batch])
+        renderer.render(requests[:batch])
         if device.type == "cuda":
             torch.cuda.synchronize()
         per_image[batch] = (time.perf_counter() - started) / batch

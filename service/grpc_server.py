@@ -13,6 +13,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from service.remote import call_worker
+from service.render import OUT_OF_MEMORY
 from service.schema import GenerationRequest, WorkItem
 from service.stubs import SERVICE_NAME, messages, services
 
@@ -89,6 +90,8 @@ class TextToImage(services.TextToImageServicer):
             await context.abort(code, str(error) or type(error).__name__)
         finally:
             self.in_flight -= 1
+        if png == OUT_OF_MEMORY:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "out of GPU memory for this size, even alone")
         return messages.GenerateReply(image=encode(png, image_format), mime_type=MIME_TYPES[image_format],
                                       seed=item.seed, timings=messages.Timings(total_ms=1000 * (time.perf_counter() - started)))
 

@@ -8,14 +8,16 @@ import bentoml
 import torch
 from PIL import Image
 
-from models.artifact import load_pipeline
+from models.artifact import load_pipeline, read_manifest
 from service.grpc_server import start_grpc_server
 from service.jobs import JobBoard
 from service.remote import call_worker
-from service.render import prepare_for_serving, render_batch
+from service.placement import GIB, Placement, Plan, PlanError, plan_placement
+from service.prompts import PromptCache
+from service.render import OUT_OF_MEMORY, Renderer
 from service.schema import GenerationRequest, WorkItem
-from service.settings import (ARTIFACT, ARTIFACT_ENV, GRPC_ADDRESS, MAX_BATCH_SIZE, MAX_IN_FLIGHT, MAX_LATENCY_MS,
-                              WARMUP_SIZE, WARMUP_STEPS)
+from service.settings import (ARTIFACT, ARTIFACT_ENV, GPU_MEMORY_GB, GRPC_ADDRESS, MAX_BATCH_SIZE, MAX_IN_FLIGHT,
+                              MAX_LATENCY_MS, MAX_RESOLUTION, PROMPT_CACHE_MB, WARMUP_SIZE, WARMUP_STEPS)
 
 BATCHES = bentoml.metrics.Counter(name="flux_batches", documentation="Batches run, by the protocols they mixed",
                                   labelnames=["protocols"])
@@ -31,26 +33,48 @@ def artifact_reference(tag: str) -> bentoml.models.BentoModel:
     return reference
 
 
+def device_and_budget() -> tuple[torch.device, int]:
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), int((GPU_MEMORY_GB or 1024) * GIB)
+    total = torch.cuda.get_device_properties(0).total_memory
+    return torch.device("cuda"), int(GPU_MEMORY_GB * GIB) if GPU_MEMORY_GB else total
+
+
+def placement_plan(reference: bentoml.models.BentoModel) -> Plan:
+    """Where the artifact's components go on this device's budget; a configuration that cannot fit stops here."""
+    manifest = read_manifest(Path(reference.stored.path))
+    weights = {name: manifest.components[name].bytes for name in ("transformer", "text_encoder_2", "text_encoder", "vae")}
+    try:
+        return plan_placement(weights, device_and_budget()[1], MAX_RESOLUTION, MAX_BATCH_SIZE)
+    except PlanError as error:
+        raise SystemExit(f"{reference.tag}: {error}") from None
+
+
 @bentoml.service(traffic={"timeout": 900})
 class FluxWorker:
     """Loads one artifact, verifies it, warms up, then renders batches."""
 
     artifact = artifact_reference(ARTIFACT)
+    plan = placement_plan(artifact)
 
     def __init__(self) -> None:
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device, budget = device_and_budget()
+        if self.device.type == "cuda" and GPU_MEMORY_GB:  # hold a bigger GPU to the configured budget
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(0).total_memory))
+        logger.info("placement for %s: %s", self.artifact.tag, self.plan.describe())
         pipe, self.manifest = load_pipeline(Path(self.artifact.path))
-        self.pipe = prepare_for_serving(pipe, self.device)
+        encoder_id = self.manifest.files["text_encoder_2/model.safetensors"] + self.manifest.files["text_encoder/model.safetensors"]
+        self.cache = PromptCache(encoder_id, PROMPT_CACHE_MB * 1024**2)
         self.jobs = JobBoard()
-        warmup = WorkItem(prompt="warm-up", width=WARMUP_SIZE, height=WARMUP_SIZE, steps=WARMUP_STEPS)
-        render_batch(self.pipe, [warmup])
+        self.renderer = Renderer(pipe, Placement(self.plan, self.device), self.cache, self.jobs)
+        self.renderer.render([WorkItem(prompt="warm-up", width=WARMUP_SIZE, height=WARMUP_SIZE, steps=WARMUP_STEPS)])
         logger.info("serving %s (%s, %s)", self.artifact.tag, self.manifest.recipe, self.device)
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     def generate(self, requests: list[WorkItem]) -> list[bytes]:
         """PNG bytes per request; a batch may mix shapes and protocols."""
         BATCHES.labels(protocols="+".join(sorted({request.protocol for request in requests}))).inc()
-        return render_batch(self.pipe, requests, self.jobs)
+        return self.renderer.render(requests)
 
     @bentoml.api
     async def progress(self, job_id: str) -> int:
@@ -62,7 +86,10 @@ class FluxWorker:
 
     @bentoml.api
     def info(self) -> dict:
-        return {"artifact": str(self.artifact.tag), "device": str(self.device), **self.manifest.model_dump(exclude={"files"})}
+        cache = {"entries": len(self.cache.entries), "bytes": self.cache.bytes, "hits": self.cache.hits,
+                 "misses": self.cache.misses}
+        return {"artifact": str(self.artifact.tag), "device": str(self.device), "placement": self.plan.describe(),
+                "prompt_cache": cache, **self.manifest.model_dump(exclude={"files"})}
 
 
 @bentoml.service(traffic={"timeout": 900, "max_concurrency": MAX_IN_FLIGHT})
@@ -83,6 +110,8 @@ class Flux:
     @bentoml.api(route="/txt2img", input_spec=GenerationRequest)
     async def txt2img(self, **fields) -> Image.Image:
         png = (await call_worker(self.worker.to_async.generate, [WorkItem(**fields)]))[0]
+        if png == OUT_OF_MEMORY:
+            raise bentoml.exceptions.ServiceUnavailable("out of GPU memory for this size, even alone; try smaller")
         return Image.open(io.BytesIO(png))
 
     @bentoml.api(route="/info")

@@ -15,7 +15,8 @@ from PIL import Image
 
 from models.artifact import load_pipeline
 from service.launcher import REPO, running_server
-from service.render import prepare_for_serving, render_batch
+from service.placement import Placement
+from service.render import Renderer
 from service.schema import WorkItem
 from tests.conftest import free_port
 
@@ -69,12 +70,12 @@ def test_a_seed_gives_the_same_image_alone_or_in_a_batch(server):
 
 def test_mixed_shapes_in_one_batch_match_single_renders(tiny_int8_tag):
     pipe, _ = load_pipeline(bentoml.models.get(tiny_int8_tag).path)
-    prepare_for_serving(pipe, torch.device("cpu"))
+    renderer = Renderer(pipe, Placement.resident(torch.device("cpu")))
     requests = [WorkItem(prompt="a", seed=1, **SMALL),
                 WorkItem(prompt="b", seed=2, width=64, height=128, steps=2),
                 WorkItem(prompt="c", seed=3, **SMALL)]
-    batched = render_batch(pipe, requests)
-    assert batched == [render_batch(pipe, [request])[0] for request in requests]
+    batched = renderer.render(requests)
+    assert batched == [renderer.render([request])[0] for request in requests]
     assert Image.open(io.BytesIO(batched[1])).size == (64, 128)
 
 
