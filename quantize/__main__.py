@@ -6,18 +6,38 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from models.sizes import expected_bytes
 from models.source import SourceError, resolve_source
 from quantize.recipes import RECIPES
 from quantize.store import StoredArtifact, quantize_to_store
 
+COMPONENTS = ("transformer", "text_encoder_2", "text_encoder", "vae")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m quantize", description=__doc__)
-    parser.add_argument("source", help="a diffusers FLUX folder, or a Hugging Face repo id in the local cache")
-    parser.add_argument("--recipe", required=True, choices=sorted(RECIPES), help="how to quantize")
+    parser.add_argument("source", nargs="?", help="a diffusers FLUX folder, or a Hugging Face repo id in the local cache")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), help="how to quantize")
+    parser.add_argument("--list-recipes", action="store_true", help="show each recipe and its bytes for FLUX.1-dev")
     parser.add_argument("--name", help="model-store name (default: <source>-<recipe>)")
     parser.add_argument("--revision", help="hub revision when SOURCE is a repo id")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.list_recipes and not (args.source and args.recipe):
+        parser.error("SOURCE and --recipe are required (or --list-recipes)")
+    return args
+
+
+def recipe_table() -> Table:
+    """Every recipe with the bytes it gives FLUX.1-dev, from the real architecture counted on the meta device."""
+    table = Table(title="recipes (bytes for FLUX.1-dev)")
+    for column in ("recipe", "what", "transformer", "T5 encoder", "whole artifact"):
+        table.add_column(column, justify="left" if column in ("recipe", "what") else "right")
+    for recipe in RECIPES.values():
+        fmt = recipe.weights.removeprefix("q")
+        sizes = {c: expected_bytes("full", c, fmt if c in recipe.components else "bf16") for c in COMPONENTS}
+        table.add_row(recipe.name, recipe.description, f"{sizes['transformer'] / 1e9:.2f} GB",
+                      f"{sizes['text_encoder_2'] / 1e9:.2f} GB", f"{sum(sizes.values()) / 1e9:.2f} GB")
+    return table
 
 
 def size_table(stored: StoredArtifact) -> Table:
@@ -36,6 +56,9 @@ def size_table(stored: StoredArtifact) -> Table:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.list_recipes:
+        Console(width=140).print(recipe_table())
+        return 0
     progress = Console(stderr=True)
     try:
         source = resolve_source(args.source, args.revision)

@@ -39,3 +39,15 @@ def test_bad_source_fails_clearly_and_stores_nothing(tmp_path):
 def test_unknown_recipe_is_refused(tiny_source):
     result = run_module("quantize", str(tiny_source), "--recipe", "int3")
     assert result.returncode == 2 and "--recipe" in result.stderr
+
+
+def test_recipe_list_shows_flux_dev_bytes():
+    result = run_module("quantize", "--list-recipes")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("│")}
+    assert "11.90 GB" in rows["int8"] and "6.33 GB" in rows["int4"]  # 11.9 B parameters at 1 and ~0.53 bytes
+
+
+def test_missing_source_is_a_usage_error():
+    result = run_module("quantize", "--recipe", "int8")
+    assert result.returncode == 2 and "SOURCE and --recipe are required" in result.stderr
