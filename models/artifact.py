@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 SCHEMA_VERSION = 1
+BACKENDS = ("quanto",)  # what this reader can rebuild
 MANIFEST = "manifest.json"
 WEIGHTS, QUANTIZATION_MAP = "model.safetensors", "quantization_map.json"
 COMPONENT_CLASSES = {
@@ -147,10 +148,20 @@ def _empty_model(cls: type, folder: Path) -> torch.nn.Module:
         return cls(AutoConfig.from_pretrained(folder))
 
 
-def load_quantized(cls: type, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+def check_quantization_map(path: Path, expected_weights: str | None) -> dict:
+    """The map's weight types must be what the manifest's recipe says."""
+    quantization = json.loads(path.read_text())
+    found = {entry.get("weights") for entry in quantization.values()}
+    if expected_weights and found != {expected_weights}:
+        raise ArtifactError(f"{path}: weights {sorted(found)} but the manifest's recipe says {expected_weights}")
+    return quantization
+
+
+def load_quantized(cls: type, folder: Path, dtype: torch.dtype, expected_weights: str | None = None) -> torch.nn.Module:
+    quantization = check_quantization_map(folder / QUANTIZATION_MAP, expected_weights)
     state_dict = {name: _aligned(tensor) for name, tensor in load_file(folder / WEIGHTS).items()}
     model = _empty_model(cls, folder).to(dtype)
-    requantize(model, state_dict, json.loads((folder / QUANTIZATION_MAP).read_text()), device=torch.device("cpu"))
+    requantize(model, state_dict, quantization, device=torch.device("cpu"))
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # T5's shared embedding was saved once
     missing = set(model.state_dict()) - set(state_dict) - _tied_aliases(model)
@@ -168,7 +179,7 @@ def load_component(name: str, folder: Path, component: Component) -> object:
     cls = COMPONENT_CLASSES[name]
     dtype = getattr(torch, component.dtype) if component.dtype else None
     if component.quantization:
-        return load_quantized(cls, folder / name, dtype)
+        return load_quantized(cls, folder / name, dtype, component.quantization.get("weights"))
     if dtype is None:
         return cls.from_pretrained(folder / name)
     return cls.from_pretrained(folder / name, dtype=dtype).eval()
@@ -178,6 +189,8 @@ def load_pipeline(folder: Path, verify: bool = True) -> tuple[FluxPipeline, Mani
     """Read an artifact folder into a FluxPipeline on the CPU, checking every file's sha256 first."""
     folder = Path(folder)
     manifest = read_manifest(folder)
+    if manifest.backend not in BACKENDS:
+        raise ArtifactError(f"{folder / MANIFEST}: backend {manifest.backend!r} is not one this reader loads {BACKENDS}")
     if verify:
         verify_files(folder, manifest)
     components = {name: load_component(name, folder, manifest.components[name]) for name in COMPONENT_CLASSES}

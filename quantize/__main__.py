@@ -1,6 +1,7 @@
 """`python -m quantize SOURCE --recipe int8|int4 [--name NAME]`: prints a size table, then the tag alone."""
 
 import argparse
+import signal
 import sys
 
 from rich.console import Console
@@ -9,7 +10,7 @@ from rich.table import Table
 from models.sizes import expected_bytes
 from models.source import SourceError, resolve_source
 from quantize.recipes import RECIPES
-from quantize.store import StoredArtifact, quantize_to_store
+from quantize.store import InsufficientDisk, StoredArtifact, quantize_to_store
 
 COMPONENTS = ("transformer", "text_encoder_2", "text_encoder", "vae")
 
@@ -66,11 +67,19 @@ def main(argv: list[str] | None = None) -> int:
         progress.print(f"[red]error:[/red] {error}")
         return 2
     recipe = RECIPES[args.recipe]
-    with progress.status("starting") as status:
-        def step(description: str) -> None:
-            progress.log(description)
-            status.update(description)
-        stored = quantize_to_store(source, recipe, args.name or f"{source.slug}-{recipe.name}", step)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a terminated run cleans up like Ctrl-C
+    try:
+        with progress.status("starting") as status:
+            def step(description: str) -> None:
+                progress.log(description)
+                status.update(description)
+            stored = quantize_to_store(source, recipe, args.name or f"{source.slug}-{recipe.name}", step)
+    except InsufficientDisk as error:
+        progress.print(f"[red]error:[/red] {error}")
+        return 2
+    except KeyboardInterrupt:
+        progress.print("[red]interrupted:[/red] nothing was stored")
+        return 130
     Console(width=120).print(size_table(stored))
     print(stored.tag)
     return 0

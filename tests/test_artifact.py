@@ -104,3 +104,21 @@ def test_manifest_records_provenance(tiny_source, artifact_copy):
     assert set(manifest.libraries) >= {"torch", "diffusers", "optimum-quanto"}
     assert all(len(digest) == 64 for digest in manifest.files.values())
     assert manifest.components["transformer"].bytes < manifest.components["vae"].bytes
+
+
+def test_recipe_mismatch_names_the_quantization_map(artifact_copy):
+    manifest_path = artifact_copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["components"]["transformer"]["quantization"]["weights"] = "qint4"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"transformer/quantization_map.json: weights \['qint8'\] but the manifest"):
+        load_pipeline(artifact_copy)
+
+
+def test_unknown_backend_is_refused(artifact_copy):
+    manifest_path = artifact_copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["backend"] = "bitsandbytes"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="manifest.json: backend 'bitsandbytes' is not one this reader loads"):
+        load_pipeline(artifact_copy)

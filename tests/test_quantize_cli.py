@@ -51,3 +51,53 @@ def test_recipe_list_shows_flux_dev_bytes():
 def test_missing_source_is_a_usage_error():
     result = run_module("quantize", "--recipe", "int8")
     assert result.returncode == 2 and "SOURCE and --recipe are required" in result.stderr
+
+
+def test_same_source_and_recipe_give_the_same_bytes(tiny_source, tiny_int8_tag):
+    from pathlib import Path
+
+    from models.artifact import read_manifest
+
+    again = run_module("quantize", str(tiny_source), "--recipe", "int8", "--name", "reproducible")
+    assert again.returncode == 0, again.stderr
+    first = read_manifest(Path(bentoml.models.get(tiny_int8_tag).path))
+    second = read_manifest(Path(bentoml.models.get(again.stdout.strip().splitlines()[-1]).path))
+    assert first.files == second.files
+
+
+def test_an_interrupted_run_leaves_nothing_behind(tmp_path):
+    """SIGTERM while the medium artifact is being written: no model in the store, no staging folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from models.architecture import build_pipeline
+    from tests.conftest import REPO
+
+    source = tmp_path / "flux-medium"
+    build_pipeline("medium").save_pretrained(source)
+    staging = tmp_path / "tmp"
+    staging.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "quantize", str(source), "--recipe", "int8", "--name", "cut"],
+                               cwd=REPO, env={**os.environ, "TMPDIR": str(staging)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if "writing components" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    assert "nothing was stored" in stderr
+    assert not [model for model in bentoml.models.list() if model.tag.name == "cut"]
+    assert not [path for path in staging.iterdir() if path.name.startswith("bentoml-model-cut")]
+
+
+def test_free_disk_is_checked_before_writing(tmp_path):
+    import pytest
+
+    from quantize.store import InsufficientDisk, check_free_disk
+
+    check_free_disk(1000, [tmp_path])
+    with pytest.raises(InsufficientDisk, match=f"{tmp_path}: .* GB free, the artifact needs about"):
+        check_free_disk(10**18, [tmp_path])
