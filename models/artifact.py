@@ -52,6 +52,8 @@ class Manifest(BaseModel):
     components: dict[str, Component]
     files: dict[str, str]  # relative path -> sha256
     libraries: dict[str, str]
+    quality: dict | None = None  # the quantize step's PSNR/SSIM against the unquantized model
+    estimated_peak_gib_1024: float | None = None  # GPU peak, everything resident, one 1024² image
 
     @property
     def total_bytes(self) -> int:

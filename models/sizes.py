@@ -1,4 +1,9 @@
-"""Expected bytes of FLUX components per weight format, counted on the meta device (no weights needed)."""
+"""FLUX's footprint: bytes per component and weight format (counted on the meta device), and GPU memory.
+
+The GPU memory model (bytes; estimates to calibrate with `python -m bench.recipes` on a GPU): weights, a
+CUDA context, transformer activations per image growing with tokens × hidden width, and a VAE decode
+growing with pixels (bounded by tiling).
+"""
 
 from functools import cache
 
@@ -9,6 +14,12 @@ from transformers import CLIPTextModel, T5EncoderModel
 from models.architecture import PRESETS
 from models.tokenizers import build_clip_tokenizer
 
+GIB = 1024**3
+CUDA_CONTEXT = int(0.75 * GIB)
+ACTIVATION_FACTOR = 24  # live tensors of tokens × hidden width (bf16) at the transformer's peak, per image
+T5_ACTIVATIONS = 512 * 4096 * 2 * 16  # one prompt through T5-XXL, bf16
+VAE_BYTES_PER_PIXEL = 128 * 2 * 8  # widest decoder block (128 ch at full resolution, bf16), ~8 live tensors
+VAE_TILE = 512  # diffusers' tile size: tiled decoding costs what a 512² decode costs
 # Bytes per quantized weight, scales included: int8 per-channel; int4 groups of 128 (bf16 scale + shift);
 # nf4 blocks of 64 (fp32 absmax).
 BYTES_PER_WEIGHT = {"bf16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 128, "nf4": 0.5 + 4 / 64}
@@ -38,3 +49,20 @@ def expected_bytes(preset_name: str, component: str, weight_format: str) -> int:
     """Linear weights in `weight_format`, everything else in bf16."""
     linear, other = parameter_counts(preset_name, component)
     return int(linear * BYTES_PER_WEIGHT[weight_format] + other * 2)
+
+
+def transformer_activations(resolution: int, batch: int, hidden: int = 3072) -> int:
+    tokens = (resolution // 16) ** 2 + 512
+    return batch * tokens * hidden * 2 * ACTIVATION_FACTOR
+
+
+def vae_decode(resolution: int, tiled: bool) -> int:
+    side = min(resolution, VAE_TILE) if tiled else resolution
+    return side * side * VAE_BYTES_PER_PIXEL
+
+
+def resident_peak_bytes(weights: dict[str, int], resolution: int, batch: int = 1, tiled: bool = False,
+                        hidden: int = 3072) -> int:
+    """Peak with every component on the GPU: all weights, the context, and the larger of denoise and decode."""
+    resident = sum(weights[c] for c in ("transformer", "text_encoder_2", "text_encoder", "vae")) + CUDA_CONTEXT
+    return resident + max(transformer_activations(resolution, batch, hidden), vae_decode(resolution, tiled))

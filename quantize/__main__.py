@@ -10,7 +10,7 @@ from rich.table import Table
 from models.sizes import expected_bytes
 from models.source import SourceError, resolve_source
 from quantize.recipes import RECIPES
-from quantize.store import InsufficientDisk, StoredArtifact, quantize_to_store
+from quantize.store import Gate, InsufficientDisk, QualityGateFailed, StoredArtifact, quantize_to_store
 
 COMPONENTS = ("transformer", "text_encoder_2", "text_encoder", "vae")
 
@@ -20,6 +20,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("source", nargs="?", help="a diffusers FLUX folder, or a Hugging Face repo id in the local cache")
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="how to quantize")
     parser.add_argument("--list-recipes", action="store_true", help="show each recipe and its bytes for FLUX.1-dev")
+    parser.add_argument("--min-psnr", type=float, help="fail (store nothing) below this image PSNR in dB")
+    parser.add_argument("--skip-validation", action="store_true",
+                        help="no reference-vs-quantized renders (for the full model on a small machine)")
+    parser.add_argument("--validation-size", type=int, default=256, help="side of the validation images")
+    parser.add_argument("--validation-steps", type=int, default=4)
     parser.add_argument("--name", help="model-store name (default: <source>-<recipe>)")
     parser.add_argument("--revision", help="hub revision when SOURCE is a repo id")
     args = parser.parse_args(argv)
@@ -73,14 +78,24 @@ def main(argv: list[str] | None = None) -> int:
             def step(description: str) -> None:
                 progress.log(description)
                 status.update(description)
-            stored = quantize_to_store(source, recipe, args.name or f"{source.slug}-{recipe.name}", step)
+            gate = None if args.skip_validation else Gate(args.validation_size, args.validation_steps, args.min_psnr)
+            stored = quantize_to_store(source, recipe, args.name or f"{source.slug}-{recipe.name}", step, gate)
     except InsufficientDisk as error:
         progress.print(f"[red]error:[/red] {error}")
         return 2
+    except QualityGateFailed as error:
+        progress.print(f"[red]quality gate failed:[/red] {error}")
+        return 3
     except KeyboardInterrupt:
         progress.print("[red]interrupted:[/red] nothing was stored")
         return 130
     Console(width=120).print(size_table(stored))
+    quality = stored.manifest.quality
+    if quality:
+        print(f"quality vs unquantized ({quality['size']}², {quality['steps']} steps, {len(quality['per_prompt'])} "
+              f"prompts): image PSNR {quality['image_psnr_db']:.2f} dB, SSIM {quality['image_ssim']:.4f}; "
+              f"latent PSNR {quality['latent_psnr_db']:.2f} dB, SSIM {quality['latent_ssim']:.4f}")
+    print(f"estimated GPU peak at 1024², everything resident: {stored.manifest.estimated_peak_gib_1024:.2f} GiB")
     print(stored.tag)
     return 0
 

@@ -10,9 +10,12 @@ import bentoml
 import torch
 
 from models.artifact import MANIFEST, Manifest, hash_files, write_components
-from models.sizes import BYTES_PER_WEIGHT
+from models.sizes import BYTES_PER_WEIGHT, resident_peak_bytes
 from models.source import Source, load_source_pipeline
 from quantize.recipes import Recipe, apply_recipe
+from quantize.validate import PROMPTS, compare, contact_sheet, render
+
+CONTACT_SHEET = "validation/contact_sheet.png"  # reference row above the quantized row
 
 LIBRARIES = ("torch", "diffusers", "transformers", "optimum-quanto", "safetensors")
 
@@ -31,13 +34,38 @@ def _module_bytes(module: object) -> int | None:
     return sum(tensor.numel() * tensor.element_size() for tensor in unique.values())
 
 
-def quantize_to_store(source: Source, recipe: Recipe, name: str, step=lambda description: None) -> StoredArtifact:
-    """Load, quantize, write, hash and store; nothing reaches the store unless every step succeeds."""
+@dataclass(frozen=True)
+class Gate:
+    """Render-and-compare settings; `min_psnr_db` None records the metrics without judging them."""
+
+    size: int = 256
+    steps: int = 4
+    min_psnr_db: float | None = None
+
+
+class QualityGateFailed(RuntimeError):
+    """The quantized pipeline's images fell below the bar; nothing was stored."""
+
+
+def quantize_to_store(source: Source, recipe: Recipe, name: str, step=lambda description: None,
+                      gate: Gate | None = Gate()) -> StoredArtifact:
+    """Load, quantize, validate, write, hash and store; nothing reaches the store unless every step succeeds."""
     step("loading source checkpoint")
     pipe = load_source_pipeline(source)
     source_bytes = {name: _module_bytes(module) for name, module in pipe.components.items()}
+    if gate:
+        step(f"rendering {len(PROMPTS)} reference images ({gate.size}², {gate.steps} steps)")
+        reference = render(pipe, gate.size, gate.steps)
     step(f"quantizing {', '.join(recipe.components)} to {recipe.weights}")
     quantized = apply_recipe(pipe, recipe)
+    quality = sheet = None
+    if gate:
+        step("rendering the same prompts and seeds with the quantized pipeline")
+        candidate = render(pipe, gate.size, gate.steps)
+        quality, sheet = compare(reference, candidate, gate.size, gate.steps), contact_sheet(reference, candidate)
+        if gate.min_psnr_db is not None and quality.image_psnr_db < gate.min_psnr_db:
+            raise QualityGateFailed(f"image PSNR {quality.image_psnr_db:.2f} dB is below --min-psnr "
+                                    f"{gate.min_psnr_db:.2f} dB (SSIM {quality.image_ssim:.4f}); nothing was stored")
     labels = {"recipe": recipe.name, "backend": recipe.backend, "source": source.slug}
     metadata = {"source": source.id, "source_revision": source.revision}
     check_free_disk(expected_artifact_bytes(source_bytes, recipe), [Path(tempfile.gettempdir()), store_path()])
@@ -46,16 +74,26 @@ def quantize_to_store(source: Source, recipe: Recipe, name: str, step=lambda des
         try:
             step("writing components")
             components = write_components(pipe, folder, quantized)
+            if sheet:
+                (folder / CONTACT_SHEET).parent.mkdir(parents=True, exist_ok=True)
+                (folder / CONTACT_SHEET).write_bytes(sheet)
             step("hashing files")
             manifest = Manifest(source=source.id, source_revision=source.revision, recipe=recipe.name,
                                 backend=recipe.backend, components=components, files=hash_files(folder),
-                                libraries={library: version(library) for library in LIBRARIES})
+                                libraries={library: version(library) for library in LIBRARIES},
+                                quality=quality.model_dump() if quality else None,
+                                estimated_peak_gib_1024=estimated_peak_gib(components))
             (folder / MANIFEST).write_text(manifest.model_dump_json(indent=2))
             step("storing in the BentoML model store")
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)  # BentoML leaves a failed staging folder behind
             raise
     return StoredArtifact(tag=str(model.tag), manifest=manifest, source_bytes=source_bytes)
+
+
+def estimated_peak_gib(components: dict) -> float:
+    """GPU peak with everything resident, one 1024² image (the serving planner's memory model)."""
+    return round(resident_peak_bytes({name: c.bytes for name, c in components.items()}, 1024) / 1024**3, 2)
 
 
 def store_path() -> Path:

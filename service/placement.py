@@ -1,8 +1,7 @@
 """Where each component lives on a GPU memory budget, and the largest safe batch per resolution.
 
-Memory model (bytes; estimates to calibrate with `python -m bench.recipes` on a GPU):
-weights from the artifact's manifest, a CUDA context, transformer activations per image growing with
-tokens × hidden width, and a VAE decode growing with pixels (bounded by tiling). Strategies, cheapest first:
+The memory model is models/sizes.py's (weights from the manifest, CUDA context, activations, VAE decode).
+Strategies, cheapest first:
   resident            everything on the GPU
   t5-on-demand        T5 waits in host memory and joins the transformer only while a batch is encoded
   take-turns          T5 and the transformer take turns on the GPU (each moved out while the other runs)
@@ -15,13 +14,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from diffusers import FluxPipeline
 
-GIB = 1024**3
-CUDA_CONTEXT = int(0.75 * GIB)
+from models.sizes import (CUDA_CONTEXT, GIB, T5_ACTIVATIONS, resident_peak_bytes, transformer_activations,
+                          vae_decode)
+
 SAFETY_MARGIN = int(0.5 * GIB)
-ACTIVATION_FACTOR = 24  # live tensors of tokens × hidden width (bf16) at the transformer's peak, per image
-T5_ACTIVATIONS = 512 * 4096 * 2 * 16  # one prompt through T5-XXL, bf16
-VAE_BYTES_PER_PIXEL = 128 * 2 * 8  # widest decoder block (128 ch at full resolution, bf16), ~8 live tensors
-VAE_TILE = 512  # diffusers' tile size: tiled decoding costs what a 512² decode costs
 RESOLUTIONS = (512, 768, 1024, 1536, 2048)
 BATCH_SIZES = (8, 4, 2, 1)
 STRATEGIES = ("resident", "t5-on-demand", "take-turns", "sequential-offload")
@@ -43,23 +39,13 @@ class Plan:
         return asdict(self)
 
 
-def transformer_activations(resolution: int, batch: int, hidden: int) -> int:
-    tokens = (resolution // 16) ** 2 + 512
-    return batch * tokens * hidden * 2 * ACTIVATION_FACTOR
-
-
-def vae_decode(resolution: int, tiled: bool) -> int:
-    side = min(resolution, VAE_TILE) if tiled else resolution
-    return side * side * VAE_BYTES_PER_PIXEL
-
-
 def peak(strategy: str, weights: dict[str, int], resolution: int, batch: int, tiled: bool, hidden: int) -> int:
     """Peak bytes of one batch: the larger of the encoding phase and the denoise + decode phase."""
+    if strategy == "resident":
+        return resident_peak_bytes(weights, resolution, batch, tiled, hidden)
     small = weights["text_encoder"] + weights["vae"] + CUDA_CONTEXT
     denoise = max(transformer_activations(resolution, batch, hidden), vae_decode(resolution, tiled))
     transformer, t5 = weights["transformer"], weights["text_encoder_2"]
-    if strategy == "resident":
-        return small + transformer + t5 + denoise
     if strategy == "t5-on-demand":
         return max(small + transformer + t5 + T5_ACTIVATIONS * batch, small + transformer + denoise)
     if strategy == "take-turns":

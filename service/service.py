@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 
 from models.artifact import load_pipeline, read_manifest
+from models.sizes import GIB
 from service.grpc_server import start_grpc_server
 from service.jobs import JobBoard
 from service.remote import call_worker
-from service.placement import GIB, Placement, Plan, PlanError, plan_placement
+from service.placement import Placement, Plan, PlanError, plan_placement
 from service.prompts import PromptCache
 from service.render import OUT_OF_MEMORY, Renderer
 from service.schema import GenerationRequest, WorkItem

@@ -6,7 +6,8 @@ import torch
 
 from models.artifact import load_pipeline
 from models.sizes import expected_bytes
-from service.placement import GIB, SAFETY_MARGIN, STRATEGIES, Placement, Plan, PlanError, plan_placement
+from models.sizes import GIB
+from service.placement import SAFETY_MARGIN, STRATEGIES, Placement, Plan, PlanError, plan_placement
 from service.prompts import PromptCache
 from service.render import OUT_OF_MEMORY, Renderer
 from service.schema import WorkItem

@@ -101,3 +101,41 @@ def test_free_disk_is_checked_before_writing(tmp_path):
     check_free_disk(1000, [tmp_path])
     with pytest.raises(InsufficientDisk, match=f"{tmp_path}: .* GB free, the artifact needs about"):
         check_free_disk(10**18, [tmp_path])
+
+
+def test_quality_gate_passes_records_metrics_and_a_contact_sheet(tiny_source):
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+
+    from models.artifact import read_manifest
+
+    result = run_module("quantize", str(tiny_source), "--recipe", "int8", "--name", "gated", "--min-psnr", "20")
+    assert result.returncode == 0, result.stderr
+    assert "image PSNR" in result.stdout
+    folder = Path(bentoml.models.get(result.stdout.strip().splitlines()[-1]).path)
+    manifest = read_manifest(folder)
+    assert manifest.quality["image_psnr_db"] >= 20 and 0 < manifest.quality["image_ssim"] <= 1
+    assert len(manifest.quality["per_prompt"]) == 3 and manifest.estimated_peak_gib_1024 > 0
+    assert "validation/contact_sheet.png" in manifest.files  # hashed like every other file
+    sheet = Image.open(io.BytesIO((folder / "validation/contact_sheet.png").read_bytes()))
+    assert sheet.size == (3 * 256, 2 * 256)
+
+
+def test_quality_gate_fails_below_the_bar_and_stores_nothing(tiny_source):
+    result = run_module("quantize", str(tiny_source), "--recipe", "int4", "--name", "below-bar", "--min-psnr", "99")
+    assert result.returncode == 3
+    assert "quality gate failed" in result.stderr and "nothing was stored" in result.stderr
+    assert not [model for model in bentoml.models.list() if model.tag.name == "below-bar"]
+
+
+def test_skip_validation(tiny_source):
+    from pathlib import Path
+
+    from models.artifact import read_manifest
+
+    result = run_module("quantize", str(tiny_source), "--recipe", "int8", "--name", "unvalidated", "--skip-validation")
+    assert result.returncode == 0, result.stderr
+    folder = Path(bentoml.models.get(result.stdout.strip().splitlines()[-1]).path)
+    assert read_manifest(folder).quality is None and not (folder / "validation").exists()
