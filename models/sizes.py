@@ -22,7 +22,7 @@ VAE_BYTES_PER_PIXEL = 128 * 2 * 8  # widest decoder block (128 ch at full resolu
 VAE_TILE = 512  # diffusers' tile size: tiled decoding costs what a 512² decode costs
 # Bytes per quantized weight, scales included: int8 per-channel; int4 groups of 128 (bf16 scale + shift);
 # nf4 blocks of 64 (fp32 absmax).
-BYTES_PER_WEIGHT = {"bf16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 128, "nf4": 0.5 + 4 / 64}
+BYTES_PER_WEIGHT = {"bf16": 2.0, "int8": 1.0, "float8_e4m3fn": 1.0, "int4": 0.5 + 4 / 128, "nf4": 0.5 + 4 / 64}
 
 
 def _meta_module(preset_name: str, component: str) -> torch.nn.Module:

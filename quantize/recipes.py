@@ -3,9 +3,9 @@
 from dataclasses import dataclass
 
 from diffusers import FluxPipeline
-from optimum.quanto import freeze, qint4, qint8, quantize
+from optimum.quanto import freeze, qfloat8, qint4, qint8, quantize
 
-QTYPES = {"qint8": qint8, "qint4": qint4}
+QTYPES = {qtype.name: qtype for qtype in (qint8, qint4, qfloat8)}  # "qint8", "qint4", "qfloat8_e4m3fn"
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ RECIPES = {
     for recipe in (
         Recipe("int8", "optimum-quanto int8 weights for the transformer and T5 (per-channel scales)", "qint8"),
         Recipe("int4", "optimum-quanto int4 weights for the transformer and T5 (group-wise scales)", "qint4"),
+        Recipe("fp8", "optimum-quanto float8 (e4m3) weights for the transformer and T5", "qfloat8_e4m3fn"),
     )
 }
 

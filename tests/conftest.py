@@ -52,3 +52,8 @@ def tiny_int8_tag(tiny_source) -> str:
 @pytest.fixture(scope="session")
 def tiny_int4_tag(tiny_source) -> str:
     return quantize_tiny(tiny_source, "int4")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8_tag(tiny_source) -> str:
+    return quantize_tiny(tiny_source, "fp8")

@@ -9,7 +9,7 @@ from diffusers import FluxTransformer2DModel
 
 from models.architecture import PRESETS, build_transformer
 from models.artifact import ArtifactError, load_pipeline, load_quantized, read_manifest, save_quantized
-from quantize.recipes import QTYPES, RECIPES
+from quantize.recipes import QTYPES, RECIPES, apply_recipe
 from optimum.quanto import freeze, quantize
 
 
@@ -49,15 +49,18 @@ def render(pipe, seed: int = 3) -> np.ndarray:
     return np.asarray(image)
 
 
-def test_tiny_pipeline_round_trip_gives_the_same_image(tiny_source, tiny_int8_tag, tiny_int4_tag):
+def test_tiny_pipeline_round_trip_gives_the_same_image(tiny_source, tiny_int8_tag, tiny_int4_tag, tiny_fp8_tag):
     import bentoml
 
-    for tag in (tiny_int8_tag, tiny_int4_tag):
+    from models.architecture import build_pipeline
+
+    for tag, weights in ((tiny_int8_tag, "qint8"), (tiny_int4_tag, "qint4"), (tiny_fp8_tag, "qfloat8_e4m3fn")):
         folder = bentoml.models.get(tag).path
-        first, manifest = load_pipeline(folder)
-        second, _ = load_pipeline(folder)
-        assert manifest.components["transformer"].quantization["weights"] in ("qint8", "qint4")
-        assert np.array_equal(render(first), render(second))
+        loaded, manifest = load_pipeline(folder)
+        assert manifest.components["transformer"].quantization["weights"] == weights
+        before_save = build_pipeline("tiny")  # the same weights the source folder holds
+        apply_recipe(before_save, RECIPES[manifest.recipe])
+        assert np.array_equal(render(before_save), render(loaded))
 
 
 @pytest.fixture
