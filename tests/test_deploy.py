@@ -66,6 +66,8 @@ def test_manifests_match_the_service(overlay):
     assert pod["securityContext"]["runAsNonRoot"] is True
     service_ports = {port["name"]: port["targetPort"] for port in by_kind(objects, "Service")["spec"]["ports"]}
     assert service_ports == {"http": "http", "grpc": "grpc"}
+    bento_name = yaml.safe_load((REPO / "bentofile.yaml").read_text())["name"]
+    assert main["image"].rsplit("/", 1)[-1].split(":")[0] == bento_name  # the image is the Bento's
     scaler = by_kind(objects, "ScaledObject")
     assert scaler["spec"]["scaleTargetRef"]["name"] == by_kind(objects, "Deployment")["metadata"]["name"]
 
