@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,10 +54,17 @@ def running_server(port: int, log: Path, env: dict[str, str] | None = None, time
 
 
 def stop(process: subprocess.Popen, grace_s: float = 20) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    """SIGTERM, then SIGKILL after `grace_s`; BentoML's workers run in sessions of their own, so the
+    whole process tree is collected first and nothing is left running."""
+    if process.poll() is not None:
+        return
+    tree = psutil.Process(process.pid).children(recursive=True)
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for child in alive:
+        child.kill()
