@@ -20,6 +20,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("source", nargs="?", help="a diffusers FLUX folder, or a Hugging Face repo id in the local cache")
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="how to quantize")
     parser.add_argument("--list-recipes", action="store_true", help="show each recipe and its bytes for FLUX.1-dev")
+    parser.add_argument("--components", help="comma-separated components to quantize (default: the recipe's)")
+    parser.add_argument("--keep", action="append", default=[], metavar="COMPONENT=PATTERN[,PATTERN]",
+                        help="module names (fnmatch) to keep in bf16, e.g. transformer=x_embedder,context_embedder")
     parser.add_argument("--min-psnr", type=float, help="fail (store nothing) below this image PSNR in dB")
     parser.add_argument("--skip-validation", action="store_true",
                         help="no reference-vs-quantized renders (for the full model on a small machine)")
@@ -31,6 +34,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.list_recipes and not (args.source and args.recipe):
         parser.error("SOURCE and --recipe are required (or --list-recipes)")
     return args
+
+
+def parse_keep(values: list[str]) -> dict[str, tuple[str, ...]]:
+    keep: dict[str, tuple[str, ...]] = {}
+    for value in values:
+        component, _, patterns = value.partition("=")
+        if not patterns:
+            raise ValueError(f"--keep {value!r}: expected COMPONENT=PATTERN[,PATTERN]")
+        keep[component] = keep.get(component, ()) + tuple(patterns.split(","))
+    return keep
 
 
 def recipe_table() -> Table:
@@ -71,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     except SourceError as error:
         progress.print(f"[red]error:[/red] {error}")
         return 2
-    recipe = RECIPES[args.recipe]
+    try:
+        recipe = RECIPES[args.recipe].tailored(tuple(args.components.split(",")) if args.components else None,
+                                               parse_keep(args.keep))
+    except ValueError as error:
+        progress.print(f"[red]error:[/red] {error}")
+        return 2
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a terminated run cleans up like Ctrl-C
     try:
         with progress.status("starting") as status:

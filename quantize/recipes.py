@@ -1,6 +1,6 @@
 """Quantization recipes as data, applied by one function."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from diffusers import FluxPipeline
 from optimum.quanto import freeze, qfloat8, qint4, qint8, quantize
@@ -15,7 +15,18 @@ class Recipe:
     weights: str  # an optimum-quanto weight type
     backend: str = "quanto"
     components: tuple[str, ...] = ("transformer", "text_encoder_2")
-    keep: tuple[str, ...] = ("proj_out",)  # module name patterns left in bf16
+    # per component, module-name patterns (fnmatch) left in bf16: the final projection is the most sensitive
+    keep: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"transformer": ("proj_out",)})
+
+    def tailored(self, components: tuple[str, ...] | None, keep: dict[str, tuple[str, ...]]) -> "Recipe":
+        """This recipe on other components, or keeping more modules in bf16."""
+        unknown = set(components or ()) | set(keep)
+        unknown -= {"transformer", "text_encoder_2", "text_encoder"}
+        if unknown:
+            raise ValueError(f"unknown component(s) {sorted(unknown)}: use transformer, text_encoder_2, text_encoder")
+        merged = {name: tuple(dict.fromkeys(self.keep.get(name, ()) + keep.get(name, ()))) for name in
+                  set(self.keep) | set(keep)}
+        return replace(self, components=components or self.components, keep=merged)
 
 
 RECIPES = {
@@ -32,6 +43,7 @@ def apply_recipe(pipe: FluxPipeline, recipe: Recipe) -> dict[str, dict[str, str]
     """Quantize the recipe's components in place; returns what was done to each, for the manifest."""
     for name in recipe.components:
         module = getattr(pipe, name)
-        quantize(module, weights=QTYPES[recipe.weights], exclude=list(recipe.keep))
+        quantize(module, weights=QTYPES[recipe.weights], exclude=list(recipe.keep.get(name, ())) or None)
         freeze(module)
-    return {name: {"backend": recipe.backend, "weights": recipe.weights} for name in recipe.components}
+    return {name: {"backend": recipe.backend, "weights": recipe.weights, "kept_in_bf16": ",".join(recipe.keep.get(name, ()))}
+            for name in recipe.components}

@@ -139,3 +139,33 @@ def test_skip_validation(tiny_source):
     assert result.returncode == 0, result.stderr
     folder = Path(bentoml.models.get(result.stdout.strip().splitlines()[-1]).path)
     assert read_manifest(folder).quality is None and not (folder / "validation").exists()
+
+
+def test_per_component_choice_of_what_to_quantize_and_what_to_keep(tiny_source):
+    import json
+    from pathlib import Path
+
+    from models.artifact import load_pipeline, read_manifest
+
+    result = run_module("quantize", str(tiny_source), "--recipe", "int8", "--name", "tailored", "--components",
+                        "transformer", "--keep", "transformer=x_embedder,context_embedder", "--skip-validation")
+    assert result.returncode == 0, result.stderr
+    folder = Path(bentoml.models.get(result.stdout.strip().splitlines()[-1]).path)
+    manifest = read_manifest(folder)
+    assert manifest.components["text_encoder_2"].quantization is None  # T5 stayed bf16
+    assert manifest.components["transformer"].quantization["kept_in_bf16"] == "proj_out,x_embedder,context_embedder"
+    quantized = json.loads((folder / "transformer/quantization_map.json").read_text())
+    assert not {"proj_out", "x_embedder", "context_embedder"} & set(quantized)
+    assert any(name.startswith("transformer_blocks.0.") for name in quantized)
+    import torch
+
+    pipe, _ = load_pipeline(folder)
+    assert type(pipe.transformer.x_embedder) is torch.nn.Linear  # not a quanto QLinear
+    assert type(pipe.transformer.transformer_blocks[0].attn.to_q) is not torch.nn.Linear
+
+
+def test_unknown_component_is_refused(tiny_source):
+    result = run_module("quantize", str(tiny_source), "--recipe", "int8", "--keep", "unet=conv_in")
+    assert result.returncode == 2 and "unknown component(s) ['unet']" in result.stderr
+    result = run_module("quantize", str(tiny_source), "--recipe", "int8", "--keep", "transformer")
+    assert result.returncode == 2 and "expected COMPONENT=PATTERN" in result.stderr
