@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from models.architecture import build_pipeline
+from models.sizes import module_bytes
 from quantize.recipes import RECIPES, apply_recipe
 from service.placement import Placement, plan_placement
 from service.render import Renderer
@@ -31,8 +32,7 @@ def placement(pipe, device: torch.device, budget_gib: float | None, size: int, b
     """All resident, or what the serving planner chooses for this budget (enforced on a bigger GPU)."""
     if budget_gib is None:
         return Placement.resident(device)
-    weights = {name: sum(t.numel() * t.element_size() for t in getattr(pipe, name).state_dict().values())
-               for name in ("transformer", "text_encoder_2", "text_encoder", "vae")}
+    weights = {name: module_bytes(getattr(pipe, name)) for name in ("transformer", "text_encoder_2", "text_encoder", "vae")}
     plan = plan_placement(weights, int(budget_gib * GIB), size, max(batches))
     if device.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(budget_gib * GIB / torch.cuda.get_device_properties(0).total_memory)

@@ -86,21 +86,23 @@ PRESETS = {
 }
 
 
-def build_transformer(preset: FluxPreset, dtype: torch.dtype = torch.bfloat16) -> FluxTransformer2DModel:
-    return FluxTransformer2DModel(**preset.transformer_config()).to(dtype).eval()
+MODULES = ("vae", "text_encoder", "text_encoder_2", "transformer")  # in the order their random weights are drawn
+
+
+def build_module(preset_name: str, component: str) -> torch.nn.Module:
+    """One component with random weights in the default dtype (shapes only under `torch.device("meta")`)."""
+    preset = PRESETS[preset_name]
+    return {
+        "vae": lambda: AutoencoderKL(**preset.vae_config()),
+        "text_encoder": lambda: CLIPTextModel(preset.clip_config(build_clip_tokenizer())),
+        "text_encoder_2": lambda: T5EncoderModel(preset.t5_config()),
+        "transformer": lambda: FluxTransformer2DModel(**preset.transformer_config()),
+    }[component]()
 
 
 def build_pipeline(preset_name: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> FluxPipeline:
     """Build a complete FluxPipeline with random weights, reproducibly from `seed`."""
-    preset = PRESETS[preset_name]
     torch.manual_seed(seed)
-    clip_tokenizer = build_clip_tokenizer()
-    return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
-        vae=AutoencoderKL(**preset.vae_config()).to(dtype).eval(),
-        text_encoder=CLIPTextModel(preset.clip_config(clip_tokenizer)).to(dtype).eval(),
-        tokenizer=clip_tokenizer,
-        text_encoder_2=T5EncoderModel(preset.t5_config()).to(dtype).eval(),
-        tokenizer_2=build_t5_tokenizer(),
-        transformer=build_transformer(preset, dtype),
-    )
+    modules = {name: build_module(preset_name, name).to(dtype).eval() for name in MODULES}
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), tokenizer=build_clip_tokenizer(),
+                        tokenizer_2=build_t5_tokenizer(), **modules)

@@ -8,11 +8,8 @@ growing with pixels (bounded by tiling).
 from functools import cache
 
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel
-from transformers import CLIPTextModel, T5EncoderModel
 
-from models.architecture import PRESETS
-from models.tokenizers import build_clip_tokenizer
+from models.architecture import build_module
 
 GIB = 1024**3
 CUDA_CONTEXT = int(0.75 * GIB)
@@ -25,21 +22,17 @@ VAE_TILE = 512  # diffusers' tile size: tiled decoding costs what a 512² decode
 BYTES_PER_WEIGHT = {"bf16": 2.0, "int8": 1.0, "float8_e4m3fn": 1.0, "int4": 0.5 + 4 / 128, "nf4": 0.5 + 4 / 64}
 
 
-def _meta_module(preset_name: str, component: str) -> torch.nn.Module:
-    preset = PRESETS[preset_name]
-    with torch.device("meta"):
-        return {
-            "transformer": lambda: FluxTransformer2DModel(**preset.transformer_config()),
-            "text_encoder_2": lambda: T5EncoderModel(preset.t5_config()),
-            "text_encoder": lambda: CLIPTextModel(preset.clip_config(build_clip_tokenizer())),
-            "vae": lambda: AutoencoderKL(**preset.vae_config()),
-        }[component]()
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's tensors, tied tensors counted once."""
+    unique = {tensor.data_ptr(): tensor for tensor in module.state_dict().values()}
+    return sum(tensor.numel() * tensor.element_size() for tensor in unique.values())
 
 
 @cache
 def parameter_counts(preset_name: str, component: str) -> tuple[int, int]:
     """(weights of Linear layers, every other parameter), tied parameters counted once."""
-    module = _meta_module(preset_name, component)
+    with torch.device("meta"):
+        module = build_module(preset_name, component)
     linear = sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
     total = sum(p.numel() for p in module.parameters())
     return linear, total - linear

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field, replace
 
+import torch
 from diffusers import FluxPipeline
 from optimum.quanto import freeze, qfloat8, qint4, qint8, quantize
 
@@ -39,11 +40,15 @@ RECIPES = {
 }
 
 
+def quantize_component(module: torch.nn.Module, component: str, recipe: Recipe) -> None:
+    """Quantize one component's weights in place, keeping the recipe's patterns for it in bf16."""
+    quantize(module, weights=QTYPES[recipe.weights], exclude=list(recipe.keep.get(component, ())) or None)
+    freeze(module)
+
+
 def apply_recipe(pipe: FluxPipeline, recipe: Recipe) -> dict[str, dict[str, str]]:
     """Quantize the recipe's components in place; returns what was done to each, for the manifest."""
     for name in recipe.components:
-        module = getattr(pipe, name)
-        quantize(module, weights=QTYPES[recipe.weights], exclude=list(recipe.keep.get(name, ())) or None)
-        freeze(module)
+        quantize_component(getattr(pipe, name), name, recipe)
     return {name: {"backend": recipe.backend, "weights": recipe.weights, "kept_in_bf16": ",".join(recipe.keep.get(name, ()))}
             for name in recipe.components}

@@ -10,7 +10,7 @@ import bentoml
 import torch
 
 from models.artifact import MANIFEST, Manifest, hash_files, write_components
-from models.sizes import BYTES_PER_WEIGHT, resident_peak_bytes
+from models.sizes import BYTES_PER_WEIGHT, module_bytes, resident_peak_bytes
 from models.source import Source, load_source_pipeline
 from quantize.recipes import Recipe, apply_recipe
 from quantize.validate import PROMPTS, compare, contact_sheet, render
@@ -25,13 +25,6 @@ class StoredArtifact:
     tag: str
     manifest: Manifest
     source_bytes: dict[str, int]  # per component, before quantization
-
-
-def _module_bytes(module: object) -> int | None:
-    if not isinstance(module, torch.nn.Module):
-        return None
-    unique = {tensor.data_ptr(): tensor for tensor in module.state_dict().values()}
-    return sum(tensor.numel() * tensor.element_size() for tensor in unique.values())
 
 
 @dataclass(frozen=True)
@@ -52,7 +45,8 @@ def quantize_to_store(source: Source, recipe: Recipe, name: str, step=lambda des
     """Load, quantize, validate, write, hash and store; nothing reaches the store unless every step succeeds."""
     step("loading source checkpoint")
     pipe = load_source_pipeline(source)
-    source_bytes = {name: _module_bytes(module) for name, module in pipe.components.items()}
+    source_bytes = {name: module_bytes(module) if isinstance(module, torch.nn.Module) else None
+                    for name, module in pipe.components.items()}
     if gate:
         step(f"rendering {len(PROMPTS)} reference images ({gate.size}², {gate.steps} steps)")
         reference = render(pipe, gate.size, gate.steps)

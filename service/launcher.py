@@ -37,14 +37,21 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout_s: float)
     raise ServerFailed(f"server not ready after {timeout_s:.0f} s:\n{_log_tail(log)}")
 
 
-@contextmanager
-def running_server(port: int, log: Path, env: dict[str, str] | None = None, timeout_s: float = 300,
-                   target: str = "service.service:Flux") -> Iterator[str]:
-    """Serve `target` on 127.0.0.1:`port`; yields the base URL; the server is stopped on exit."""
-    command = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+def serve_command(port: int, target: str = "service.service:Flux") -> list[str]:
+    return [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+
+
+def start_server(port: int, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Launch `bentoml serve` in its own process group, logging to `log`; does not wait for readiness."""
     with log.open("wb") as log_stream:
-        process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **(env or {})}, stdout=log_stream,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(serve_command(port), cwd=REPO, env={**os.environ, **(env or {})}, stdout=log_stream,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@contextmanager
+def running_server(port: int, log: Path, env: dict[str, str] | None = None, timeout_s: float = 300) -> Iterator[str]:
+    """Serve the FLUX service on 127.0.0.1:`port`; yields the base URL once ready; stops the server on exit."""
+    process = start_server(port, log, env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process, log, timeout_s)

@@ -7,10 +7,9 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from models.architecture import PRESETS, build_transformer
+from models.architecture import build_module
 from models.artifact import ArtifactError, load_pipeline, load_quantized, read_manifest, save_quantized
-from quantize.recipes import QTYPES, RECIPES, apply_recipe
-from optimum.quanto import freeze, quantize
+from quantize.recipes import RECIPES, apply_recipe, quantize_component
 
 
 def transformer_inputs(config, tokens: int = 64, text: int = 32) -> dict:
@@ -27,9 +26,8 @@ def transformer_inputs(config, tokens: int = 64, text: int = 32) -> dict:
 def test_medium_transformer_round_trip_is_exact(recipe, tmp_path):
     """Real FLUX.1-dev layer shapes; int8 data read back unaligned used to crash the int8 matmul."""
     torch.manual_seed(0)
-    transformer = build_transformer(PRESETS["medium"])
-    quantize(transformer, weights=QTYPES[RECIPES[recipe].weights], exclude=list(RECIPES[recipe].keep))
-    freeze(transformer)
+    transformer = build_module("medium", "transformer").to(torch.bfloat16).eval()
+    quantize_component(transformer, "transformer", RECIPES[recipe])
     inputs = transformer_inputs(transformer.config)
     with torch.no_grad():
         before = transformer(**inputs).sample

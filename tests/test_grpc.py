@@ -2,8 +2,6 @@
 
 import io
 import re
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from service.client import FluxClient, FluxGrpcClient
-from service.launcher import REPO, running_server, stop, wait_ready
+from service.launcher import running_server, start_server, stop, wait_ready
 from service.schema import GenerationRequest
 from service.stubs import SERVICE_NAME, messages
 from tests.conftest import free_port
@@ -104,11 +102,7 @@ def slow_server(tiny_int8_tag, tmp_path_factory):
     """Started by hand so the test can watch it before it is ready."""
     port, target = free_port(), f"127.0.0.1:{free_port()}"
     log = tmp_path_factory.mktemp("slow") / "server.log"
-    env = {**__import__("os").environ, **SLOW_START, "FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GRPC_ADDRESS": target}
-    command = [sys.executable, "-m", "bentoml", "serve", "service.service:Flux", "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as stream:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+    process = start_server(port, log, {**SLOW_START, "FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GRPC_ADDRESS": target})
     yield f"http://127.0.0.1:{port}", target, process, log
     stop(process)
 

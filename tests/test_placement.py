@@ -7,6 +7,7 @@ import torch
 from models.artifact import load_pipeline
 from models.sizes import expected_bytes
 from models.sizes import GIB
+from service.launcher import serve_command
 from service.placement import SAFETY_MARGIN, STRATEGIES, Placement, Plan, PlanError, plan_placement
 from service.prompts import PromptCache
 from service.render import OUT_OF_MEMORY, Renderer
@@ -60,8 +61,7 @@ def test_a_configuration_that_cannot_fit_is_refused():
 
 
 def test_the_service_refuses_to_start_when_the_plan_does_not_fit(tiny_int8_tag):
-    result = run_module("bentoml", "serve", "service.service:Flux", "--host", "127.0.0.1", "--port", str(free_port()),
-                        env={"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GPU_MEMORY_GB": "0.5"})
+    result = run_module(*serve_command(free_port())[2:], env={"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GPU_MEMORY_GB": "0.5"})
     assert result.returncode != 0
     assert f"{tiny_int8_tag}: 0.5 GiB cannot render 2048²" in result.stderr
 

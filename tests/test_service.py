@@ -1,9 +1,8 @@
 """A real BentoML server on 127.0.0.1 serving the tiny int8 artifact."""
 
 import io
-import re
+import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import bentoml
@@ -13,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.report import batch_histogram
 from models.artifact import load_pipeline
-from service.launcher import REPO, running_server
+from service.launcher import REPO, running_server, serve_command
 from service.placement import Placement
 from service.render import Renderer
 from service.schema import WorkItem
@@ -42,19 +42,12 @@ def assert_png(response: httpx.Response, size: tuple[int, int]) -> None:
     assert image.format == "PNG" and image.size == size
 
 
-def batch_sizes(url: str) -> dict[float, float]:
-    """Cumulative counts of the worker's adaptive batch-size histogram, by upper bound."""
-    metrics = httpx.get(f"{url}/metrics").text
-    pattern = r'bentoml_service_adaptive_batch_size_bucket\{le="([^"]+)".*method_name="generate".*\} (\S+)'
-    return {float(le): float(count) for le, count in re.findall(pattern, metrics)}
-
-
 def test_sixteen_concurrent_requests_are_batched(server):
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda i: txt2img(server, prompt=f"fox {i}", seed=i, **SMALL), range(16)))
     for response in responses:
         assert_png(response, (128, 128))
-    buckets = batch_sizes(server)
+    buckets = batch_histogram(httpx.get(f"{server}/metrics").text)
     assert buckets, "no batch-size metric"
     batches_of_one = buckets[1.0]
     assert buckets[float("inf")] > batches_of_one, f"every batch had one request: {buckets}"
@@ -110,8 +103,7 @@ def test_info_describes_the_served_artifact(server, tiny_int8_tag):
 
 
 def test_unknown_artifact_stops_the_server_with_a_clear_error():
-    result = subprocess.run([sys.executable, "-m", "bentoml", "serve", "service.service:Flux", "--host",
-                             "127.0.0.1", "--port", str(free_port())], cwd=REPO, capture_output=True,
-                            text=True, timeout=120, env={**__import__("os").environ, "FLUX_ARTIFACT": "no-such:v1"})
+    result = subprocess.run(serve_command(free_port()), cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "FLUX_ARTIFACT": "no-such:v1"})
     assert result.returncode != 0
     assert "FLUX_ARTIFACT='no-such:v1': no such model in the BentoML store" in result.stderr
