@@ -1,26 +1,31 @@
 """The artifact format: a folder of components plus `manifest.json`, and its one reader.
 
-    manifest.json                         schema version, source, recipe, per-component dtype/bytes, sha256 per file
-    transformer/, text_encoder_2/         quantized: config.json + model.safetensors + quantization_map.json
-    text_encoder/, vae/, tokenizer*/, scheduler/   as `save_pretrained` writes them
+    manifest.json                  schema version, source, recipe, per-component dtype/bytes, sha256 per file
+    transformer/, text_encoder_2/, text_encoder/, vae/
+                                   config.json + model-0000N.safetensors shards + model.safetensors.index.json,
+                                   and quantization_map.json when quantized (see models/quantized.py)
+    tokenizer/, tokenizer_2/, scheduler/   as `save_pretrained` writes them
+    validation/contact_sheet.png   reference row above quantized row, when the quality gate ran
 """
 
 import hashlib
 import json
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.models.modeling_utils import ModelMixin
-from optimum.quanto import quantization_map, requantize
 from pydantic import BaseModel
-from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-SCHEMA_VERSION = 1
-BACKENDS = ("quanto",)  # what this reader can rebuild
+from models.quantized import BACKENDS, rebuild
+from models.tensors import INDEX, read_shards
+
+SCHEMA_VERSION = 2  # 2: every module component in shards; bitsandbytes backend
 MANIFEST = "manifest.json"
-WEIGHTS, QUANTIZATION_MAP = "model.safetensors", "quantization_map.json"
+QUANTIZATION_MAP = "quantization_map.json"
 COMPONENT_CLASSES = {
     "scheduler": FlowMatchEulerDiscreteScheduler,
     "vae": AutoencoderKL,
@@ -39,7 +44,7 @@ class ArtifactError(ValueError):
 class Component(BaseModel):
     class_name: str
     dtype: str | None = None  # torch dtype of the unquantized tensors; None for tokenizers and schedulers
-    quantization: dict[str, str] | None = None  # e.g. {"weights": "qint8"}, None when kept as is
+    quantization: dict[str, str | int | bool | None] | None = None  # backend, weights, ...; None when kept as is
     bytes: int
 
 
@@ -55,6 +60,14 @@ class Manifest(BaseModel):
     quality: dict | None = None  # the quantize step's PSNR/SSIM against the unquantized model
     estimated_peak_gib_1024: float | None = None  # GPU peak, everything resident, one 1024² image
 
+    def hash_of(self, *components: str) -> str:
+        """One sha256 over the files of these components: changes whenever any of their bytes do."""
+        digest = hashlib.sha256()
+        for path, file_hash in sorted(self.files.items()):
+            if path.split("/")[0] in components:
+                digest.update(f"{path}:{file_hash}\n".encode())
+        return digest.hexdigest()
+
     @property
     def total_bytes(self) -> int:
         return sum(component.bytes for component in self.components.values())
@@ -68,48 +81,26 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _folder_bytes(folder: Path) -> int:
+def folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def _dtype_name(module) -> str | None:
-    parameter = next(module.parameters(), None) if isinstance(module, torch.nn.Module) else None
-    return str(parameter.dtype).removeprefix("torch.") if parameter is not None else None
-
-
-def _unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop tied aliases (T5's shared embedding): safetensors refuses tensors that share memory."""
-    seen, unique = set(), {}
-    for name, tensor in state_dict.items():
-        key = (tensor.data_ptr(), tensor.shape)
-        if key not in seen:
-            seen.add(key)
-            unique[name] = tensor.contiguous()
-    return unique
-
-
-def save_quantized(module: torch.nn.Module, folder: Path) -> None:
+def write_config(module: torch.nn.Module, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(module, ModelMixin):
         module.save_config(folder)
     else:
         module.config.save_pretrained(folder)
-    save_file(_unique_tensors(module.state_dict()), folder / WEIGHTS, metadata={"format": "pt"})
-    (folder / QUANTIZATION_MAP).write_text(json.dumps(quantization_map(module), indent=2, sort_keys=True))
 
 
-def write_components(pipe: FluxPipeline, folder: Path, quantized: dict[str, dict[str, str]]) -> dict[str, Component]:
-    """Write every pipeline component under `folder`; `quantized` names the quanto-quantized ones."""
-    components = {}
-    for name in COMPONENT_CLASSES:
-        module, target = getattr(pipe, name), folder / name
-        if name in quantized:
-            save_quantized(module, target)
-        else:
-            module.save_pretrained(target)
-        components[name] = Component(class_name=type(module).__name__, dtype=_dtype_name(module),
-                                     quantization=quantized.get(name), bytes=_folder_bytes(target))
-    return components
+def empty_model(cls: type, folder: Path) -> torch.nn.Module:
+    """A component built from its config with parameters on the meta device (buffers are real)."""
+    with init_empty_weights():
+        model = cls.from_config(cls.load_config(folder)) if issubclass(cls, ModelMixin) else cls(
+            AutoConfig.from_pretrained(folder))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # T5's embedding is one tensor under two names, stored once
+    return model
 
 
 def hash_files(folder: Path) -> dict[str, str]:
@@ -138,53 +129,42 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
             raise ArtifactError(f"{path}: sha256 mismatch (truncated or altered file)")
 
 
-def _aligned(tensor: torch.Tensor) -> torch.Tensor:
-    """int8 matmul kernels crash on data that is not 16-byte aligned, as safetensors may leave it."""
-    return tensor if tensor.data_ptr() % 16 == 0 else tensor.clone()
-
-
-def _empty_model(cls: type, folder: Path) -> torch.nn.Module:
-    with torch.device("meta"):
-        if issubclass(cls, ModelMixin):
-            return cls.from_config(cls.load_config(folder))
-        return cls(AutoConfig.from_pretrained(folder))
-
-
-def check_quantization_map(path: Path, expected_weights: str | None) -> dict:
+def check_quantization_map(path: Path, expected_weights: str) -> dict:
     """The map's weight types must be what the manifest's recipe says."""
     quantization = json.loads(path.read_text())
     found = {entry.get("weights") for entry in quantization.values()}
-    if expected_weights and found != {expected_weights}:
+    if found != {expected_weights}:
         raise ArtifactError(f"{path}: weights {sorted(found)} but the manifest's recipe says {expected_weights}")
     return quantization
 
 
-def load_quantized(cls: type, folder: Path, dtype: torch.dtype, expected_weights: str | None = None) -> torch.nn.Module:
-    quantization = check_quantization_map(folder / QUANTIZATION_MAP, expected_weights)
-    state_dict = {name: _aligned(tensor) for name, tensor in load_file(folder / WEIGHTS).items()}
-    model = _empty_model(cls, folder).to(dtype)
-    requantize(model, state_dict, quantization, device=torch.device("cpu"))
+def load_module(cls: type, folder: Path, component: Component) -> torch.nn.Module:
+    """A component from its config, shards and (if quantized) quantization map."""
+    state = read_shards(folder)
+    model, taken = empty_model(cls, folder), set()
+    if component.quantization:
+        quantization = check_quantization_map(folder / QUANTIZATION_MAP, component.quantization["weights"])
+        taken = rebuild(model, state, quantization, component.quantization["backend"])
+    tied = _tied_aliases(model)
+    missing = set(model.load_state_dict(state, strict=False, assign=True).missing_keys) - tied - taken
     if hasattr(model, "tie_weights"):
-        model.tie_weights()  # T5's shared embedding was saved once
-    missing = set(model.state_dict()) - set(state_dict) - _tied_aliases(model)
+        model.tie_weights()  # assigning replaced the tied tensor under one of its names
     if missing:
-        raise ArtifactError(f"{folder / WEIGHTS}: tensors missing: {sorted(missing)[:5]}")
+        raise ArtifactError(f"{folder / INDEX}: tensors missing: {sorted(missing)[:5]}")
     return model.eval()
 
 
 def _tied_aliases(model: torch.nn.Module) -> set[str]:
-    every = model.state_dict()
-    return set(every) - set(_unique_tensors(every))
+    named = model.named_parameters(remove_duplicate=False)
+    unique = set(dict(model.named_parameters()))
+    return {name for name, _ in named if name not in unique}
 
 
 def load_component(name: str, folder: Path, component: Component) -> object:
     cls = COMPONENT_CLASSES[name]
-    dtype = getattr(torch, component.dtype) if component.dtype else None
-    if component.quantization:
-        return load_quantized(cls, folder / name, dtype, component.quantization.get("weights"))
-    if dtype is None:
-        return cls.from_pretrained(folder / name)
-    return cls.from_pretrained(folder / name, dtype=dtype).eval()
+    if issubclass(cls, torch.nn.Module):
+        return load_module(cls, folder / name, component)
+    return cls.from_pretrained(folder / name)
 
 
 def load_pipeline(folder: Path, verify: bool = True) -> tuple[FluxPipeline, Manifest]:

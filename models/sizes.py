@@ -17,9 +17,22 @@ ACTIVATION_FACTOR = 24  # live tensors of tokens × hidden width (bf16) at the t
 T5_ACTIVATIONS = 512 * 4096 * 2 * 16  # one prompt through T5-XXL, bf16
 VAE_BYTES_PER_PIXEL = 128 * 2 * 8  # widest decoder block (128 ch at full resolution, bf16), ~8 live tensors
 VAE_TILE = 512  # diffusers' tile size: tiled decoding costs what a 512² decode costs
-# Bytes per quantized weight, scales included: int8 per-channel; int4 groups of 128 (bf16 scale + shift);
-# nf4 blocks of 64 (fp32 absmax).
-BYTES_PER_WEIGHT = {"bf16": 2.0, "int8": 1.0, "float8_e4m3fn": 1.0, "int4": 0.5 + 4 / 128, "nf4": 0.5 + 4 / 64}
+
+
+DEFAULT_GROUP_SIZE = {"int4": 128, "nf4": 64, "fp4": 64}  # quanto's int4 groups, bitsandbytes' 4-bit blocks
+
+
+def bytes_per_weight(weights: str, group_size: int | None = None, double_quant: bool = False) -> float:
+    """Bytes per Linear weight, scales included (per-row scales are negligible).
+
+    bf16; int8 and float8 (quanto, LLM.int8); int4: groups with a bf16 scale and shift (quanto);
+    nf4/fp4: blocks with an fp32 absmax, or a uint8 absmax plus an fp32 per 256 blocks when double
+    quantized (bitsandbytes).
+    """
+    if weights in ("int4", "nf4", "fp4"):
+        per_group = 4 if weights == "int4" else (1 + 4 / 256 if double_quant else 4)
+        return 0.5 + per_group / (group_size or DEFAULT_GROUP_SIZE[weights])
+    return {"bf16": 2.0, "int8": 1.0, "float8": 1.0}[weights]
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -38,10 +51,10 @@ def parameter_counts(preset_name: str, component: str) -> tuple[int, int]:
     return linear, total - linear
 
 
-def expected_bytes(preset_name: str, component: str, weight_format: str) -> int:
-    """Linear weights in `weight_format`, everything else in bf16."""
+def expected_bytes(preset_name: str, component: str, linear_bytes_per_weight: float = 2.0) -> int:
+    """Linear weights at `linear_bytes_per_weight`, everything else in bf16."""
     linear, other = parameter_counts(preset_name, component)
-    return int(linear * BYTES_PER_WEIGHT[weight_format] + other * 2)
+    return int(linear * linear_bytes_per_weight + other * 2)
 
 
 def transformer_activations(resolution: int, batch: int, hidden: int = 3072) -> int:

@@ -1,4 +1,9 @@
-"""Where a FLUX checkpoint comes from: a local diffusers folder or a Hugging Face repo id in the local cache."""
+"""Where a FLUX checkpoint comes from, and its tensors read one at a time.
+
+Three layouts: a local diffusers folder, a Hugging Face repo id in the local cache (a diffusers folder
+too), or the original single-file transformer (`flux1-dev.safetensors`) beside a diffusers `base` that
+provides the text encoders, VAE, tokenizers, scheduler and configs (its transformer weights are not read).
+"""
 
 import hashlib
 import re
@@ -10,6 +15,11 @@ from diffusers import FluxPipeline
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+from models.single_file import SingleFileTransformer
+from models.tensors import TensorFiles
+
+DEFAULT_BASE = "black-forest-labs/FLUX.1-dev"
+
 
 class SourceError(ValueError):
     """The checkpoint named on the command line cannot be found or read."""
@@ -17,40 +27,69 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    id: str  # what the user named: a folder path or a repo id
-    revision: str  # the hub commit hash, or a content fingerprint for a folder
-    path: Path
+    id: str  # what the user named: a folder path, a repo id, or a single file
+    revision: str  # the hub commit hash, or a content fingerprint for local files
+    path: Path  # the diffusers folder
+    transformer_file: Path | None = None  # the single-file transformer that replaces path/transformer
 
     @property
     def slug(self) -> str:
         """A model-store name for it: `black-forest-labs/FLUX.1-dev` -> `flux.1-dev`."""
-        name = re.sub(r"[^a-z0-9._-]+", "-", Path(self.id).name.lower()).strip("-.")
+        name = re.sub(r"[^a-z0-9._-]+", "-", Path(self.id).name.lower().removesuffix(".safetensors")).strip("-.")
         return name if name.startswith("flux") else f"flux-{name}"
 
+    def tensors(self, component: str) -> TensorFiles:
+        """A component's weights, by the names its diffusers/transformers class uses."""
+        if component == "transformer" and self.transformer_file:
+            return SingleFileTransformer(self.transformer_file)
+        files = sorted((self.path / component).glob("*.safetensors"))
+        if not files:
+            raise SourceError(f"{self.path / component}: no .safetensors weights")
+        return TensorFiles(files)
 
-def folder_fingerprint(folder: Path) -> str:
+
+def fingerprint(paths: list[Path], root: Path) -> str:
     """sha256 over every file's path and size and every JSON file's bytes (cheap for 30 GB of weights)."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(folder).as_posix()}:{path.stat().st_size}\n".encode())
+    for path in sorted(paths):
+        digest.update(f"{path.relative_to(root).as_posix()}:{path.stat().st_size}\n".encode())
         if path.suffix == ".json":
             digest.update(path.read_bytes())
     return "sha256:" + digest.hexdigest()
 
 
-def resolve_source(name: str, revision: str | None = None) -> Source:
-    """A folder is used as is; anything else is a hub repo id (HF_TOKEN and HF_HUB_OFFLINE are honoured)."""
-    folder = Path(name)
-    if folder.is_dir():
-        if not (folder / "model_index.json").is_file():
-            raise SourceError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
-        return Source(id=str(folder.resolve()), revision=folder_fingerprint(folder), path=folder.resolve())
+def folder_fingerprint(folder: Path) -> str:
+    return fingerprint([p for p in folder.rglob("*") if p.is_file()], folder)
+
+
+def resolve_source(name: str, revision: str | None = None, base: str = DEFAULT_BASE) -> Source:
+    """A folder is used as is, a `.safetensors` file is a single-file transformer on `base`, anything
+    else is a hub repo id looked up in the cache (HF_TOKEN and HF_HUB_OFFLINE are honoured)."""
+    path = Path(name)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise SourceError(f"{path}: a single-file checkpoint must be a .safetensors file")
+        pipeline = resolve_source(base)
+        revision = fingerprint([path], path.parent) + f"+{pipeline.revision}"
+        return Source(id=str(path.resolve()), revision=revision, path=pipeline.path, transformer_file=path.resolve())
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise SourceError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+        return Source(id=str(path.resolve()), revision=folder_fingerprint(path), path=path.resolve())
     try:
         snapshot = Path(snapshot_download(name, revision=revision))
     except (HFValidationError, LocalEntryNotFoundError, OSError) as error:
-        raise SourceError(f"{name}: neither a local folder nor a repo id found in the Hugging Face cache ({error})") from error
+        raise SourceError(f"{name}: neither a local folder or file nor a repo id found in the Hugging Face "
+                          f"cache ({error})") from error
     return Source(id=name, revision=snapshot.name, path=snapshot)
 
 
 def load_source_pipeline(source: Source, dtype: torch.dtype = torch.bfloat16) -> FluxPipeline:
+    """The whole unquantized pipeline in memory (the quality gate's reference)."""
+    if source.transformer_file:
+        from diffusers import FluxTransformer2DModel
+
+        transformer = FluxTransformer2DModel.from_single_file(source.transformer_file, config=str(source.path),
+                                                              subfolder="transformer", dtype=dtype)
+        return FluxPipeline.from_pretrained(source.path, transformer=transformer, dtype=dtype)
     return FluxPipeline.from_pretrained(source.path, dtype=dtype)

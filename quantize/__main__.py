@@ -1,4 +1,8 @@
-"""`python -m quantize SOURCE --recipe int8|int4 [--name NAME]`: prints a size table, then the tag alone."""
+"""`python -m quantize SOURCE --recipe RECIPE [--name NAME]`: prints a size table, then the tag alone.
+
+SOURCE is a diffusers FLUX folder, a Hugging Face repo id in the local cache, or the single-file
+`flux1-dev.safetensors` (with --base for the rest of the pipeline). Weights are streamed module by module.
+"""
 
 import argparse
 import signal
@@ -8,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from models.sizes import expected_bytes
-from models.source import SourceError, resolve_source
+from models.source import DEFAULT_BASE, SourceError, resolve_source
 from quantize.recipes import RECIPES
 from quantize.store import Gate, InsufficientDisk, QualityGateFailed, StoredArtifact, quantize_to_store
 
@@ -17,12 +21,18 @@ COMPONENTS = ("transformer", "text_encoder_2", "text_encoder", "vae")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m quantize", description=__doc__)
-    parser.add_argument("source", nargs="?", help="a diffusers FLUX folder, or a Hugging Face repo id in the local cache")
+    parser.add_argument("source", nargs="?", help="a diffusers FLUX folder, a repo id in the local Hugging Face cache, "
+                        "or a single-file transformer (.safetensors)")
+    parser.add_argument("--base", default=DEFAULT_BASE,
+                        help="for a single-file SOURCE: the diffusers folder or repo id giving the other components "
+                        "and the configs (default: %(default)s)")
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="how to quantize")
     parser.add_argument("--list-recipes", action="store_true", help="show each recipe and its bytes for FLUX.1-dev")
     parser.add_argument("--components", help="comma-separated components to quantize (default: the recipe's)")
     parser.add_argument("--keep", action="append", default=[], metavar="COMPONENT=PATTERN[,PATTERN]",
                         help="module names (fnmatch) to keep in bf16, e.g. transformer=x_embedder,context_embedder")
+    parser.add_argument("--group-size", type=int, help="int4 group / nf4, fp4 block size (power of two ≥ 32); "
+                        "Linear layers whose inputs don't split into whole groups stay in bf16")
     parser.add_argument("--min-psnr", type=float, help="fail (store nothing) below this image PSNR in dB")
     parser.add_argument("--skip-validation", action="store_true",
                         help="no reference-vs-quantized renders (for the full model on a small machine)")
@@ -52,8 +62,8 @@ def recipe_table() -> Table:
     for column in ("recipe", "what", "transformer", "T5 encoder", "whole artifact"):
         table.add_column(column, justify="left" if column in ("recipe", "what") else "right")
     for recipe in RECIPES.values():
-        fmt = recipe.weights.removeprefix("q")
-        sizes = {c: expected_bytes("full", c, fmt if c in recipe.components else "bf16") for c in COMPONENTS}
+        sizes = {c: expected_bytes("full", c, recipe.bytes_per_weight if c in recipe.components else 2.0)
+                 for c in COMPONENTS}
         table.add_row(recipe.name, recipe.description, f"{sizes['transformer'] / 1e9:.2f} GB",
                       f"{sizes['text_encoder_2'] / 1e9:.2f} GB", f"{sum(sizes.values()) / 1e9:.2f} GB")
     return table
@@ -61,7 +71,7 @@ def recipe_table() -> Table:
 
 def size_table(stored: StoredArtifact) -> Table:
     table = Table(title=f"{stored.tag}  ({stored.manifest.recipe}, {stored.manifest.backend})")
-    for column in ("component", "quantization", "source bytes", "artifact bytes", "ratio"):
+    for column in ("component", "quantization", "source bytes (bf16)", "artifact bytes", "ratio"):
         table.add_column(column, justify="left" if column in ("component", "quantization") else "right")
     for name, component in stored.manifest.components.items():
         before = stored.source_bytes.get(name)
@@ -80,13 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     progress = Console(stderr=True)
     try:
-        source = resolve_source(args.source, args.revision)
+        source = resolve_source(args.source, args.revision, args.base)
     except SourceError as error:
         progress.print(f"[red]error:[/red] {error}")
         return 2
     try:
         recipe = RECIPES[args.recipe].tailored(tuple(args.components.split(",")) if args.components else None,
-                                               parse_keep(args.keep))
+                                               parse_keep(args.keep), args.group_size)
     except ValueError as error:
         progress.print(f"[red]error:[/red] {error}")
         return 2
@@ -96,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             def step(description: str) -> None:
                 progress.log(description)
                 status.update(description)
+            def module_done(component: str, done: int, total: int) -> None:
+                status.update(f"writing {component}: module {done}/{total}")
             gate = None if args.skip_validation else Gate(args.validation_size, args.validation_steps, args.min_psnr)
-            stored = quantize_to_store(source, recipe, args.name or f"{source.slug}-{recipe.name}", step, gate)
-    except InsufficientDisk as error:
+            stored = quantize_to_store(source, recipe, args.name or f"{source.slug}-{recipe.name}", step, gate, module_done)
+    except (InsufficientDisk, SourceError) as error:
         progress.print(f"[red]error:[/red] {error}")
         return 2
     except QualityGateFailed as error:

@@ -1,54 +1,115 @@
-"""Quantization recipes as data, applied by one function."""
+"""Quantization recipes as data, and the one function that quantizes a Linear layer with a recipe."""
 
 from dataclasses import dataclass, field, replace
+from fnmatch import fnmatch
 
+import bitsandbytes as bnb
 import torch
 from diffusers import FluxPipeline
-from optimum.quanto import freeze, qfloat8, qint4, qint8, quantize
+from optimum.quanto.nn import quantize_module
 
-QTYPES = {qtype.name: qtype for qtype in (qint8, qint4, qfloat8)}  # "qint8", "qint4", "qfloat8_e4m3fn"
+from models.quantized import bnb_4bit_linear, bnb_int8_linear
+from models.sizes import DEFAULT_GROUP_SIZE, bytes_per_weight
+
+QUANTIZABLE = ("transformer", "text_encoder_2", "text_encoder")
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
     description: str
-    weights: str  # an optimum-quanto weight type
-    backend: str = "quanto"
+    backend: str  # "quanto" or "bitsandbytes"
+    weights: str  # quanto: qint8, qint4, qfloat8_e4m3fn; bitsandbytes: int8, nf4, fp4
+    group_size: int | None = None  # quanto int4 group / bitsandbytes 4-bit block (None: the default)
+    double_quant: bool = False  # bitsandbytes 4-bit: quantize the block scales too
     components: tuple[str, ...] = ("transformer", "text_encoder_2")
     # per component, module-name patterns (fnmatch) left in bf16: the final projection is the most sensitive
     keep: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"transformer": ("proj_out",)})
 
-    def tailored(self, components: tuple[str, ...] | None, keep: dict[str, tuple[str, ...]]) -> "Recipe":
-        """This recipe on other components, or keeping more modules in bf16."""
-        unknown = set(components or ()) | set(keep)
-        unknown -= {"transformer", "text_encoder_2", "text_encoder"}
+    @property
+    def weight_format(self) -> str:
+        return {"qint8": "int8", "qint4": "int4", "qfloat8_e4m3fn": "float8"}.get(self.weights, self.weights)
+
+    @property
+    def groups(self) -> int | None:
+        """The group/block size in force, for 4-bit formats."""
+        return self.group_size or DEFAULT_GROUP_SIZE.get(self.weight_format)
+
+    @property
+    def bytes_per_weight(self) -> float:
+        return bytes_per_weight(self.weight_format, self.groups, self.double_quant)
+
+    def tailored(self, components: tuple[str, ...] | None, keep: dict[str, tuple[str, ...]],
+                 group_size: int | None = None) -> "Recipe":
+        """This recipe on other components, keeping more modules in bf16, or with another group size."""
+        unknown = (set(components or ()) | set(keep)) - set(QUANTIZABLE)
         if unknown:
-            raise ValueError(f"unknown component(s) {sorted(unknown)}: use transformer, text_encoder_2, text_encoder")
+            raise ValueError(f"unknown component(s) {sorted(unknown)}: use {', '.join(QUANTIZABLE)}")
+        if group_size is not None and self.groups is None:
+            raise ValueError(f"--group-size: recipe {self.name} ({self.weights}) has no groups")
+        if group_size is not None and (group_size < 32 or group_size & (group_size - 1)):
+            raise ValueError(f"--group-size {group_size}: must be a power of two, at least 32")
         merged = {name: tuple(dict.fromkeys(self.keep.get(name, ()) + keep.get(name, ()))) for name in
                   set(self.keep) | set(keep)}
-        return replace(self, components=components or self.components, keep=merged)
+        return replace(self, components=components or self.components, keep=merged,
+                       group_size=group_size or self.group_size)
+
+    def quantizes(self, component: str, name: str, module: torch.nn.Module) -> bool:
+        """Whether this Linear is quantized: not kept in bf16, and its rows split into whole groups."""
+        if component not in self.components or not isinstance(module, torch.nn.Linear):
+            return False
+        if any(fnmatch(name, pattern) for pattern in self.keep.get(component, ())):
+            return False
+        return self.groups is None or module.in_features % self.groups == 0
+
+    def manifest_entry(self, kept: list[str]) -> dict:
+        """What the manifest records for a component quantized with this recipe."""
+        return {"backend": self.backend, "weights": self.weights, "group_size": self.groups,
+                "double_quant": self.double_quant, "kept_in_bf16": ",".join(kept)}
 
 
 RECIPES = {
     recipe.name: recipe
     for recipe in (
-        Recipe("int8", "optimum-quanto int8 weights for the transformer and T5 (per-channel scales)", "qint8"),
-        Recipe("int4", "optimum-quanto int4 weights for the transformer and T5 (group-wise scales)", "qint4"),
-        Recipe("fp8", "optimum-quanto float8 (e4m3) weights for the transformer and T5", "qfloat8_e4m3fn"),
+        Recipe("int8", "optimum-quanto int8 weights, per-channel scales", "quanto", "qint8"),
+        Recipe("int4", "optimum-quanto int4 weights, groups of 128 with scale and shift", "quanto", "qint4"),
+        Recipe("fp8", "optimum-quanto float8 (e4m3) weights", "quanto", "qfloat8_e4m3fn"),
+        Recipe("int8-bnb", "bitsandbytes LLM.int8() weights", "bitsandbytes", "int8"),
+        Recipe("nf4", "bitsandbytes NF4, blocks of 64, double-quantized scales (QLoRA)", "bitsandbytes", "nf4",
+               double_quant=True),
+        Recipe("fp4", "bitsandbytes FP4, blocks of 64", "bitsandbytes", "fp4"),
     )
 }
 
 
-def quantize_component(module: torch.nn.Module, component: str, recipe: Recipe) -> None:
-    """Quantize one component's weights in place, keeping the recipe's patterns for it in bf16."""
-    quantize(module, weights=QTYPES[recipe.weights], exclude=list(recipe.keep.get(component, ())) or None)
-    freeze(module)
+def quantized_linear(linear: torch.nn.Linear, recipe: Recipe) -> tuple[torch.nn.Module, dict]:
+    """The recipe's quantized module for a Linear with real weights, and its quantization-map entry."""
+    weight = linear.weight.data
+    if recipe.backend == "quanto":
+        module = quantize_module(linear, weights=recipe.weights)
+        module.weight_group_size = recipe.groups
+        module.freeze()
+        return module.train(linear.training), {"weights": recipe.weights, "activations": "none",
+                                               "group_size": recipe.groups}
+    if recipe.weights == "int8":
+        rows, scales, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16))
+        module = bnb_int8_linear(linear, rows, scales)
+    else:
+        packed, state = bnb.functional.quantize_4bit(weight, blocksize=recipe.groups, quant_type=recipe.weights,
+                                                     compress_statistics=recipe.double_quant)
+        module = bnb_4bit_linear(linear, packed, state.as_dict(packed=True))
+    if linear.bias is not None:
+        module.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+    return module.train(linear.training), {"weights": recipe.weights}  # LLM.int8() computes differently in training
 
 
-def apply_recipe(pipe: FluxPipeline, recipe: Recipe) -> dict[str, dict[str, str]]:
-    """Quantize the recipe's components in place; returns what was done to each, for the manifest."""
-    for name in recipe.components:
-        quantize_component(getattr(pipe, name), name, recipe)
-    return {name: {"backend": recipe.backend, "weights": recipe.weights, "kept_in_bf16": ",".join(recipe.keep.get(name, ()))}
-            for name in recipe.components}
+def quantize_model(model: torch.nn.Module, component: str, recipe: Recipe) -> None:
+    """Quantize a component already in memory, in place (benchmarks and tests; artifacts are streamed)."""
+    for name, module in list(model.named_modules()):
+        if recipe.quantizes(component, name, module):
+            model.set_submodule(name, quantized_linear(module, recipe)[0])
+
+
+def apply_recipe(pipe: FluxPipeline, recipe: Recipe) -> None:
+    for component in recipe.components:
+        quantize_model(getattr(pipe, component), component, recipe)

@@ -7,24 +7,25 @@ from importlib.metadata import version
 from pathlib import Path
 
 import bentoml
-import torch
 
-from models.artifact import MANIFEST, Manifest, hash_files, write_components
-from models.sizes import BYTES_PER_WEIGHT, module_bytes, resident_peak_bytes
+from models.architecture import MODULES
+from models.artifact import COMPONENT_CLASSES, MANIFEST, Component, Manifest, folder_bytes, hash_files, load_pipeline
+from models.sizes import resident_peak_bytes
 from models.source import Source, load_source_pipeline
-from quantize.recipes import Recipe, apply_recipe
-from quantize.validate import PROMPTS, compare, contact_sheet, render
+from quantize.recipes import Recipe
+from quantize.stream import Progress, write_component
+from quantize.validate import PROMPTS, QualityReport, compare, contact_sheet, render
 
 CONTACT_SHEET = "validation/contact_sheet.png"  # reference row above the quantized row
 
-LIBRARIES = ("torch", "diffusers", "transformers", "optimum-quanto", "safetensors")
+LIBRARIES = ("torch", "diffusers", "transformers", "optimum-quanto", "bitsandbytes", "safetensors")
 
 
 @dataclass(frozen=True)
 class StoredArtifact:
     tag: str
     manifest: Manifest
-    source_bytes: dict[str, int]  # per component, before quantization
+    source_bytes: dict[str, int]  # per module component, in the source's files
 
 
 @dataclass(frozen=True)
@@ -41,48 +42,63 @@ class QualityGateFailed(RuntimeError):
 
 
 def quantize_to_store(source: Source, recipe: Recipe, name: str, step=lambda description: None,
-                      gate: Gate | None = Gate()) -> StoredArtifact:
-    """Load, quantize, validate, write, hash and store; nothing reaches the store unless every step succeeds."""
-    step("loading source checkpoint")
-    pipe = load_source_pipeline(source)
-    source_bytes = {name: module_bytes(module) if isinstance(module, torch.nn.Module) else None
-                    for name, module in pipe.components.items()}
-    if gate:
-        step(f"rendering {len(PROMPTS)} reference images ({gate.size}², {gate.steps} steps)")
-        reference = render(pipe, gate.size, gate.steps)
-    step(f"quantizing {', '.join(recipe.components)} to {recipe.weights}")
-    quantized = apply_recipe(pipe, recipe)
-    quality = sheet = None
-    if gate:
-        step("rendering the same prompts and seeds with the quantized pipeline")
-        candidate = render(pipe, gate.size, gate.steps)
-        quality, sheet = compare(reference, candidate, gate.size, gate.steps), contact_sheet(reference, candidate)
-        if gate.min_psnr_db is not None and quality.image_psnr_db < gate.min_psnr_db:
-            raise QualityGateFailed(f"image PSNR {quality.image_psnr_db:.2f} dB is below --min-psnr "
-                                    f"{gate.min_psnr_db:.2f} dB (SSIM {quality.image_ssim:.4f}); nothing was stored")
+                      gate: Gate | None = Gate(), progress: Progress = lambda *_: None) -> StoredArtifact:
+    """Stream, quantize, validate, hash and store; nothing reaches the store unless every step succeeds."""
+    source_bytes = {component: source.tensors(component).bf16_bytes() for component in MODULES}
+    check_free_disk(expected_artifact_bytes(source_bytes, recipe), [Path(tempfile.gettempdir()), store_path()])
     labels = {"recipe": recipe.name, "backend": recipe.backend, "source": source.slug}
     metadata = {"source": source.id, "source_revision": source.revision}
-    check_free_disk(expected_artifact_bytes(source_bytes, recipe), [Path(tempfile.gettempdir()), store_path()])
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
         folder = Path(model.path)  # staged in a temporary folder; moved into the store only on success
         try:
-            step("writing components")
-            components = write_components(pipe, folder, quantized)
-            if sheet:
-                (folder / CONTACT_SHEET).parent.mkdir(parents=True, exist_ok=True)
-                (folder / CONTACT_SHEET).write_bytes(sheet)
-            step("hashing files")
+            components = write_artifact(source, recipe, folder, step, progress)
             manifest = Manifest(source=source.id, source_revision=source.revision, recipe=recipe.name,
-                                backend=recipe.backend, components=components, files=hash_files(folder),
+                                backend=recipe.backend, components=components, files={},
                                 libraries={library: version(library) for library in LIBRARIES},
-                                quality=quality.model_dump() if quality else None,
                                 estimated_peak_gib_1024=estimated_peak_gib(components))
+            (folder / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+            if gate:
+                manifest.quality = run_gate(source, folder, gate, step).model_dump()
+            step("hashing files")
+            manifest.files = hash_files(folder)
             (folder / MANIFEST).write_text(manifest.model_dump_json(indent=2))
             step("storing in the BentoML model store")
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)  # BentoML leaves a failed staging folder behind
             raise
     return StoredArtifact(tag=str(model.tag), manifest=manifest, source_bytes=source_bytes)
+
+
+def write_artifact(source: Source, recipe: Recipe, folder: Path, step, progress: Progress) -> dict[str, Component]:
+    """Every component: modules streamed (quantized per the recipe), tokenizers and scheduler copied."""
+    components = {}
+    for name in COMPONENT_CLASSES:
+        target = folder / name
+        if name in MODULES:
+            step(f"writing {name}" + (f" ({recipe.weights})" if name in recipe.components else ""))
+            quantization = write_component(source, name, target, recipe, progress)
+            dtype = "bfloat16"
+        else:
+            COMPONENT_CLASSES[name].from_pretrained(source.path / name).save_pretrained(target)
+            quantization, dtype = None, None
+        components[name] = Component(class_name=COMPONENT_CLASSES[name].__name__, dtype=dtype,
+                                     quantization=quantization, bytes=folder_bytes(target))
+    return components
+
+
+def run_gate(source: Source, folder: Path, gate: Gate, step) -> QualityReport:
+    """Render with the unquantized source, then with the artifact as the service will load it; compare."""
+    step(f"rendering {len(PROMPTS)} reference images ({gate.size}², {gate.steps} steps)")
+    reference = render(load_source_pipeline(source), gate.size, gate.steps)
+    step("rendering the same prompts and seeds with the artifact")
+    candidate = render(load_pipeline(folder, verify=False)[0], gate.size, gate.steps)
+    quality = compare(reference, candidate, gate.size, gate.steps)
+    (folder / CONTACT_SHEET).parent.mkdir(parents=True, exist_ok=True)
+    (folder / CONTACT_SHEET).write_bytes(contact_sheet(reference, candidate))
+    if gate.min_psnr_db is not None and quality.image_psnr_db < gate.min_psnr_db:
+        raise QualityGateFailed(f"image PSNR {quality.image_psnr_db:.2f} dB is below --min-psnr "
+                                f"{gate.min_psnr_db:.2f} dB (SSIM {quality.image_ssim:.4f}); nothing was stored")
+    return quality
 
 
 def estimated_peak_gib(components: dict) -> float:
@@ -96,10 +112,10 @@ def store_path() -> Path:
     return Path(BentoMLContainer.bentoml_home.get())
 
 
-def expected_artifact_bytes(source_bytes: dict[str, int | None], recipe: Recipe) -> int:
-    """Quantized components shrink by the recipe's bytes per weight; the rest is copied as is."""
-    shrink = BYTES_PER_WEIGHT[recipe.weights.removeprefix("q")] / BYTES_PER_WEIGHT["bf16"]
-    return int(sum((size or 0) * (shrink if name in recipe.components else 1) for name, size in source_bytes.items()))
+def expected_artifact_bytes(source_bytes: dict[str, int], recipe: Recipe) -> int:
+    """Quantized components shrink by the recipe's bytes per weight (of bf16's 2); the rest is copied."""
+    shrink = recipe.bytes_per_weight / 2
+    return int(sum(size * (shrink if name in recipe.components else 1) for name, size in source_bytes.items()))
 
 
 def check_free_disk(needed: int, folders: list[Path], margin: float = 1.1) -> None:

@@ -64,8 +64,7 @@ class FluxWorker:
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(0).total_memory))
         logger.info("placement for %s: %s", self.artifact.tag, self.plan.describe())
         pipe, self.manifest = load_pipeline(Path(self.artifact.path))
-        encoder_id = self.manifest.files["text_encoder_2/model.safetensors"] + self.manifest.files["text_encoder/model.safetensors"]
-        self.cache = PromptCache(encoder_id, PROMPT_CACHE_MB * 1024**2)
+        self.cache = PromptCache(self.manifest.hash_of("text_encoder", "text_encoder_2"), PROMPT_CACHE_MB * 1024**2)
         self.jobs = JobBoard()
         self.renderer = Renderer(pipe, Placement(self.plan, self.device), self.cache, self.jobs)
         self.renderer.render([WorkItem(prompt="warm-up", width=WARMUP_SIZE, height=WARMUP_SIZE, steps=WARMUP_STEPS)])

@@ -38,22 +38,31 @@ def tiny_source(tmp_path_factory) -> Path:
     return folder
 
 
-def quantize_tiny(source: Path, recipe: str) -> str:
-    result = run_module("quantize", str(source), "--recipe", recipe)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip().splitlines()[-1]
+# tiny layers have 64 inputs: 4-bit groups of 64 so that they are quantized at all
+TINY_OPTIONS = {"int4": ["--group-size", "64"]}
 
 
 @pytest.fixture(scope="session")
-def tiny_int8_tag(tiny_source) -> str:
-    return quantize_tiny(tiny_source, "int8")
+def tiny_tag(tiny_source):
+    """`tiny_tag(recipe)`: the tiny checkpoint quantized with that recipe (once per session)."""
+    tags: dict[str, str] = {}
+
+    def quantize(recipe: str) -> str:
+        if recipe not in tags:
+            result = run_module("quantize", str(tiny_source), "--recipe", recipe, "--validation-size", "64",
+                                *TINY_OPTIONS.get(recipe, []))
+            assert result.returncode == 0, result.stderr
+            tags[recipe] = result.stdout.strip().splitlines()[-1]
+        return tags[recipe]
+
+    return quantize
 
 
 @pytest.fixture(scope="session")
-def tiny_int4_tag(tiny_source) -> str:
-    return quantize_tiny(tiny_source, "int4")
+def tiny_int8_tag(tiny_tag) -> str:
+    return tiny_tag("int8")
 
 
 @pytest.fixture(scope="session")
-def tiny_fp8_tag(tiny_source) -> str:
-    return quantize_tiny(tiny_source, "fp8")
+def tiny_int4_tag(tiny_tag) -> str:
+    return tiny_tag("int4")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models.artifact import load_pipeline
-from models.sizes import expected_bytes
+from models.sizes import bytes_per_weight, expected_bytes
 from models.sizes import GIB
 from service.launcher import serve_command
 from service.placement import SAFETY_MARGIN, STRATEGIES, Placement, Plan, PlanError, plan_placement
@@ -19,7 +19,8 @@ COMPONENTS = ("transformer", "text_encoder_2", "text_encoder", "vae")
 
 def flux_dev_weights(weight_format: str) -> dict[str, int]:
     """FLUX.1-dev's bytes per component when the transformer and T5 are in `weight_format`."""
-    return {c: expected_bytes("full", c, weight_format if c in ("transformer", "text_encoder_2") else "bf16")
+    quantized = bytes_per_weight(weight_format, double_quant=True)
+    return {c: expected_bytes("full", c, quantized if c in ("transformer", "text_encoder_2") else 2.0)
             for c in COMPONENTS}
 
 

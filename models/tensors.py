@@ -1,0 +1,108 @@
+"""safetensors read and written a tensor at a time, so a 24 GB checkpoint never sits in memory.
+
+Sources are read through `safe_open`, opened per read so that no file stays mapped; artifacts are
+written in shards of bounded size with an HF-style index (`model.safetensors.index.json`).
+"""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+INDEX = "model.safetensors.index.json"
+FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+_DTYPE_BYTES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+SHARD_BYTES = 1 << 30  # what a shard may hold before it is written out; bounds the writer's memory
+
+
+class TensorFiles:
+    """The tensors of one or more safetensors files, by name."""
+
+    def __init__(self, files: list[Path]):
+        if not files:
+            raise FileNotFoundError("no .safetensors files")
+        self.files: dict[str, Path] = {}
+        for path in files:
+            with safe_open(path, framework="pt") as handle:
+                self.files.update(dict.fromkeys(handle.keys(), path))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    def rows(self, name: str) -> int:
+        with safe_open(self.files[name], framework="pt") as handle:
+            return handle.get_slice(name).get_shape()[0]
+
+    def bf16_bytes(self) -> int:
+        """What every tensor takes in bf16 (integer tensors at their own size)."""
+        total = 0
+        for path in set(self.files.values()):
+            with safe_open(path, framework="pt") as handle:
+                for name in handle.keys():
+                    piece = handle.get_slice(name)
+                    numel = math.prod(piece.get_shape())
+                    total += numel * (2 if piece.get_dtype() in FLOATS else _DTYPE_BYTES[piece.get_dtype()])
+        return total
+
+    def get(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """One tensor, or rows [start, stop) of it, copied out of the file."""
+        with safe_open(self.files[name], framework="pt") as handle:
+            if start is None:
+                return handle.get_tensor(name).clone()
+            return handle.get_slice(name)[start:stop].clone()
+
+
+class ShardWriter:
+    """Collects tensors and writes them as `model-0000N.safetensors` shards plus the index."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int = SHARD_BYTES):
+        self.folder, self.max_shard_bytes = folder, max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.pending.update({name: tensor.contiguous() for name, tensor in tensors.items()})
+        if sum(_nbytes(t) for t in self.pending.values()) >= self.max_shard_bytes:
+            self._flush()
+
+    def close(self) -> None:
+        self._flush()
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2))
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        shard = f"model-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
+        save_file(self.pending, self.folder / shard, metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(self.pending, shard))
+        self.total += sum(_nbytes(t) for t in self.pending.values())
+        self.pending = {}
+
+
+def read_shards(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor a ShardWriter wrote in `folder`, checked against its index."""
+    index = json.loads((folder / INDEX).read_text())["weight_map"]
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index.values())):
+        tensors.update({name: _aligned(tensor) for name, tensor in load_file(folder / shard).items()})
+    if set(tensors) != set(index):
+        raise KeyError(f"{folder / INDEX}: lists {len(index)} tensors, the shards hold {len(tensors)}")
+    return tensors
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """int8 matmul kernels crash on data that is not 16-byte aligned, as safetensors may leave it."""
+    return tensor if tensor.data_ptr() % 16 == 0 else tensor.clone()

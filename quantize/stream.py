@@ -1,0 +1,84 @@
+"""Components written module by module from the source's safetensors: memory holds one layer and one shard.
+
+Each component is built on the meta device from its config; each module's tensors are read, quantized
+if the recipe says so, added to the shard being written, and dropped before the next module is read.
+"""
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from models.artifact import COMPONENT_CLASSES, QUANTIZATION_MAP, empty_model, write_config
+from models.source import Source, SourceError
+from models.tensors import SHARD_BYTES, ShardWriter, TensorFiles
+from quantize.recipes import Recipe, quantized_linear
+
+Progress = Callable[[str, int, int], None]  # component, modules done, modules in all
+
+
+def write_component(source: Source, component: str, folder: Path, recipe: Recipe,
+                    progress: Progress = lambda *_: None, dtype: torch.dtype = torch.bfloat16,
+                    shard_bytes: int = SHARD_BYTES) -> dict | None:
+    """Write one component as config + shards (+ quantization map); returns its manifest entry."""
+    model = empty_model(COMPONENT_CLASSES[component], source.path / component)
+    tensors = source.tensors(component)
+    aliases = _aliases(model)
+    writer, quantization, kept, seen = ShardWriter(folder, shard_bytes), {}, [], set()
+    modules = [(name, module) for name, module in model.named_modules() if _own_tensors(module)]
+    for done, (name, module) in enumerate(modules, 1):
+        meta = {key: tensor for key, tensor in _own_tensors(module).items() if id(tensor) not in seen}
+        seen |= {id(tensor) for tensor in meta.values()}
+        state = {key: _cast(_read(tensors, aliases[id(tensor)], tensor), dtype) for key, tensor in meta.items()}
+        for key, tensor in state.items():
+            setattr(module, key, torch.nn.Parameter(tensor, requires_grad=False) if key in module._parameters else tensor)
+        if recipe.quantizes(component, name, module):
+            quantized, quantization[name] = quantized_linear(module, recipe)
+            state = quantized.state_dict()
+        elif isinstance(module, torch.nn.Linear) and component in recipe.components:
+            kept.append(name)
+        writer.add({f"{name}.{key}" if name else key: tensor for key, tensor in state.items()})
+        for key, tensor in meta.items():
+            setattr(module, key, tensor)  # back to meta: the real tensors now live only in the shard
+        progress(component, done, len(modules))
+    writer.close()
+    write_config(model, folder)
+    if quantization:
+        (folder / QUANTIZATION_MAP).write_text(json.dumps(quantization, indent=2, sort_keys=True))
+        return recipe.manifest_entry(kept)
+    return None
+
+
+def _own_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers held by the module itself, not by its children."""
+    persistent = {k: b for k, b in module._buffers.items() if k not in module._non_persistent_buffers_set}
+    return {k: p for k, p in {**module._parameters, **persistent}.items() if p is not None}
+
+
+def _aliases(model: torch.nn.Module) -> dict[int, list[str]]:
+    """Every name of each tensor: T5's shared embedding is also `encoder.embed_tokens.weight`."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(tensor), []).append(name)
+    return names
+
+
+def _read(tensors: TensorFiles, names: list[str], like: torch.Tensor) -> torch.Tensor:
+    """The tensor under any of its names, with the shape the config gives it."""
+    found = [name for name in names if name in tensors]
+    if not found:
+        raise SourceError(f"{_where(tensors)}: no tensor {' or '.join(names)}")
+    tensor = tensors.get(found[0])
+    if tensor.shape != like.shape:
+        raise SourceError(f"{tensors.files.get(found[0], _where(tensors))}: {found[0]} has shape {tuple(tensor.shape)}, "
+                          f"the config says {tuple(like.shape)}")
+    return tensor
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _where(tensors: TensorFiles) -> Path:
+    return sorted(set(tensors.files.values()))[0].parent
