@@ -140,7 +140,10 @@ def check_quantization_map(path: Path, expected_weights: str) -> dict:
 
 def load_module(cls: type, folder: Path, component: Component) -> torch.nn.Module:
     """A component from its config, shards and (if quantized) quantization map."""
-    state = read_shards(folder)
+    try:
+        state = read_shards(folder)
+    except (OSError, ValueError) as error:  # unreadable shard or index
+        raise ArtifactError(str(error)) from error
     model, taken = empty_model(cls, folder), set()
     if component.quantization:
         quantization = check_quantization_map(folder / QUANTIZATION_MAP, component.quantization["weights"])
@@ -173,6 +176,10 @@ def load_pipeline(folder: Path, verify: bool = True) -> tuple[FluxPipeline, Mani
     manifest = read_manifest(folder)
     if manifest.backend not in BACKENDS:
         raise ArtifactError(f"{folder / MANIFEST}: backend {manifest.backend!r} is not one this reader loads {BACKENDS}")
+    for name, component in manifest.components.items():
+        if component.quantization and component.quantization["backend"] != manifest.backend:
+            raise ArtifactError(f"{folder / MANIFEST}: {name} was quantized with {component.quantization['backend']}, "
+                                f"the recipe's backend is {manifest.backend}")
     if verify:
         verify_files(folder, manifest)
     components = {name: load_component(name, folder, manifest.components[name]) for name in COMPONENT_CLASSES}

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 INDEX = "model.safetensors.index.json"
@@ -59,10 +59,10 @@ class TensorFiles:
 
 
 class ShardWriter:
-    """Collects tensors and writes them as `model-0000N.safetensors` shards plus the index."""
+    """Collects tensors and writes them as `<name>-0000N.safetensors` shards plus `<name>.safetensors.index.json`."""
 
-    def __init__(self, folder: Path, max_shard_bytes: int = SHARD_BYTES):
-        self.folder, self.max_shard_bytes = folder, max_shard_bytes
+    def __init__(self, folder: Path, max_shard_bytes: int = SHARD_BYTES, name: str = "model"):
+        self.folder, self.max_shard_bytes, self.name = folder, max_shard_bytes, name
         self.pending: dict[str, torch.Tensor] = {}
         self.weight_map: dict[str, str] = {}
         self.total = 0
@@ -76,12 +76,12 @@ class ShardWriter:
     def close(self) -> None:
         self._flush()
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.folder / INDEX).write_text(json.dumps(index, indent=2))
+        (self.folder / f"{self.name}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
     def _flush(self) -> None:
         if not self.pending:
             return
-        shard = f"model-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
+        shard = f"{self.name}-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
         save_file(self.pending, self.folder / shard, metadata={"format": "pt"})
         self.weight_map.update(dict.fromkeys(self.pending, shard))
         self.total += sum(_nbytes(t) for t in self.pending.values())
@@ -93,9 +93,12 @@ def read_shards(folder: Path) -> dict[str, torch.Tensor]:
     index = json.loads((folder / INDEX).read_text())["weight_map"]
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(set(index.values())):
-        tensors.update({name: _aligned(tensor) for name, tensor in load_file(folder / shard).items()})
+        try:
+            tensors.update({name: _aligned(tensor) for name, tensor in load_file(folder / shard).items()})
+        except SafetensorError as error:
+            raise ValueError(f"{folder / shard}: unreadable ({error})") from error
     if set(tensors) != set(index):
-        raise KeyError(f"{folder / INDEX}: lists {len(index)} tensors, the shards hold {len(tensors)}")
+        raise ValueError(f"{folder / INDEX}: lists {len(index)} tensors, the shards hold {len(tensors)}")
     return tensors
 
 

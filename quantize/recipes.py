@@ -6,6 +6,7 @@ from fnmatch import fnmatch
 import bitsandbytes as bnb
 import torch
 from diffusers import FluxPipeline
+from optimum.quanto import AbsmaxOptimizer, MaxOptimizer, qtypes, quantize_weight
 from optimum.quanto.nn import quantize_module
 
 from models.quantized import bnb_4bit_linear, bnb_int8_linear
@@ -88,7 +89,7 @@ def quantized_linear(linear: torch.nn.Linear, recipe: Recipe) -> tuple[torch.nn.
     if recipe.backend == "quanto":
         module = quantize_module(linear, weights=recipe.weights)
         module.weight_group_size = recipe.groups
-        module.freeze()
+        module.weight = torch.nn.Parameter(_quanto_weight(weight, recipe), requires_grad=False)
         return module.train(linear.training), {"weights": recipe.weights, "activations": "none",
                                                "group_size": recipe.groups}
     if recipe.weights == "int8":
@@ -103,11 +104,25 @@ def quantized_linear(linear: torch.nn.Linear, recipe: Recipe) -> tuple[torch.nn.
     return module.train(linear.training), {"weights": recipe.weights}  # LLM.int8() computes differently in training
 
 
+def _quanto_weight(weight: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """What quanto's `freeze` computes, in its kernel-agnostic layout: packing int4 for a CPU kernel and
+    unpacking it to save costs seconds per layer. Loading (or `optimize`) picks the kernel."""
+    qtype = qtypes[recipe.weights]
+    if qtype.bits == 8:
+        return quantize_weight(weight, qtype, axis=0, scale=AbsmaxOptimizer()(weight, qtype=qtype, axis=0),
+                               optimized=False)
+    scale, shift = MaxOptimizer()(weight, qtype=qtype, axis=0, group_size=recipe.groups)
+    return quantize_weight(weight, qtype, axis=0, scale=scale, shift=shift, group_size=recipe.groups, optimized=False)
+
+
 def quantize_model(model: torch.nn.Module, component: str, recipe: Recipe) -> None:
     """Quantize a component already in memory, in place (benchmarks and tests; artifacts are streamed)."""
     for name, module in list(model.named_modules()):
         if recipe.quantizes(component, name, module):
-            model.set_submodule(name, quantized_linear(module, recipe)[0])
+            quantized = quantized_linear(module, recipe)[0]
+            if recipe.backend == "quanto":  # the kernel loading would pick
+                quantized.weight = torch.nn.Parameter(quantized.weight.optimize(), requires_grad=False)
+            model.set_submodule(name, quantized)
 
 
 def apply_recipe(pipe: FluxPipeline, recipe: Recipe) -> None:

@@ -13,6 +13,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from models.architecture import build_pipeline  # noqa: E402
 
@@ -66,3 +68,44 @@ def tiny_int8_tag(tiny_tag) -> str:
 @pytest.fixture(scope="session")
 def tiny_int4_tag(tiny_tag) -> str:
     return tiny_tag("int4")
+
+
+@pytest.fixture(scope="session")
+def medium_source(tmp_path_factory) -> Path:
+    """The medium pipeline (real FLUX.1-dev layer shapes, 1 + 1 blocks) as a diffusers folder (~2 GB)."""
+    folder = tmp_path_factory.mktemp("checkpoints") / "flux-medium"
+    build_pipeline("medium").save_pretrained(folder)
+    return folder
+
+
+def original_layout_shapes(double: int = 1, single: int = 1, hidden: int = 3072, mlp: int = 12288) -> dict:
+    """Tensor shapes of BFL's single-file FLUX.1-dev layout (`flux1-dev.safetensors`), for a few blocks."""
+    shapes = {"img_in.weight": (hidden, 64), "txt_in.weight": (hidden, 4096),
+              "final_layer.linear.weight": (64, hidden), "final_layer.adaLN_modulation.1.weight": (2 * hidden, hidden)}
+    for embedder, inputs in (("time_in", 256), ("vector_in", 768), ("guidance_in", 256)):
+        shapes |= {f"{embedder}.in_layer.weight": (hidden, inputs), f"{embedder}.out_layer.weight": (hidden, hidden)}
+    for i in range(double):
+        for stream in ("img", "txt"):
+            block = f"double_blocks.{i}.{stream}"
+            shapes |= {f"{block}_mod.lin.weight": (6 * hidden, hidden), f"{block}_attn.qkv.weight": (3 * hidden, hidden),
+                       f"{block}_attn.norm.query_norm.scale": (128,), f"{block}_attn.norm.key_norm.scale": (128,),
+                       f"{block}_attn.proj.weight": (hidden, hidden), f"{block}_mlp.0.weight": (mlp, hidden),
+                       f"{block}_mlp.2.weight": (hidden, mlp)}
+    for i in range(single):
+        block = f"single_blocks.{i}"
+        shapes |= {f"{block}.linear1.weight": (3 * hidden + mlp, hidden), f"{block}.linear2.weight": (hidden, hidden + mlp),
+                   f"{block}.norm.query_norm.scale": (128,), f"{block}.norm.key_norm.scale": (128,),
+                   f"{block}.modulation.lin.weight": (3 * hidden, hidden)}
+    biases = {name.replace(".weight", ".bias"): shape[:1] for name, shape in shapes.items() if name.endswith(".weight")}
+    return shapes | biases
+
+
+@pytest.fixture(scope="session")
+def single_file(tmp_path_factory) -> Path:
+    """A medium-sized (1 + 1 blocks, real widths) transformer in the single-file layout, random weights."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {f"model.diffusion_model.{name}": torch.randn(shape, generator=generator).to(torch.bfloat16)
+               for name, shape in original_layout_shapes().items()}
+    path = tmp_path_factory.mktemp("single") / "flux1-medium.safetensors"
+    save_file(tensors, path)
+    return path

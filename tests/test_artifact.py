@@ -148,3 +148,23 @@ def test_unknown_backend_is_refused(artifact_copy):
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="manifest.json: backend 'torchao' is not one this reader loads"):
         load_pipeline(artifact_copy)
+
+
+def test_backend_mismatch_is_refused(artifact_copy):
+    manifest_path = artifact_copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["backend"] = "bitsandbytes"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="manifest.json: transformer was quantized with quanto, the recipe's backend is bitsandbytes"):
+        load_pipeline(artifact_copy)
+
+
+def test_a_shard_missing_from_the_index_is_named(artifact_copy):
+    index_path = artifact_copy / "transformer" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["extra.weight"] = "model-00001.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ArtifactError, match="transformer/model.safetensors.index.json: sha256 mismatch"):
+        load_pipeline(artifact_copy)
+    with pytest.raises(ArtifactError, match="transformer/model.safetensors.index.json: lists"):
+        load_pipeline(artifact_copy, verify=False)

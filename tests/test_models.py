@@ -1,10 +1,14 @@
 """What a FLUX model is: architecture fidelity, local tokenizers, source resolution."""
 
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from models.architecture import PRESETS
+from models.architecture import PRESETS, build_module
+from models.single_file import SingleFileTransformer
 from models.sizes import parameter_counts
 from models.source import SourceError, resolve_source
 from models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
@@ -58,3 +62,16 @@ def test_unknown_source_is_a_clear_error(tmp_path):
         resolve_source("no-such/model")
     with pytest.raises(SourceError, match="model_index.json"):
         resolve_source(str(tmp_path))
+
+
+def test_single_file_layout_reads_as_diffusers_converts_it(single_file):
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    streamed = SingleFileTransformer(single_file)
+    converted = convert_flux_transformer_checkpoint_to_diffusers(load_file(single_file))
+    with torch.device("meta"):
+        expected = build_module("medium", "transformer").state_dict()
+    assert set(streamed.keys()) == set(converted) == set(expected)
+    for name in converted:
+        assert torch.equal(streamed.get(name), converted[name]), name
+        assert streamed.get(name).shape == expected[name].shape

@@ -6,7 +6,8 @@ from tests.conftest import run_module
 
 
 def test_quantize_prints_size_table_then_tag(tiny_source):
-    result = run_module("quantize", str(tiny_source), "--recipe", "int4", "--name", "cli-check")
+    result = run_module("quantize", str(tiny_source), "--recipe", "int4", "--group-size", "64", "--name", "cli-check",
+                        "--skip-validation")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     tag = lines[-1]
@@ -46,6 +47,8 @@ def test_recipe_list_shows_flux_dev_bytes():
     assert result.returncode == 0, result.stderr
     rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("│")}
     assert "11.90 GB" in rows["int8"] and "6.33 GB" in rows["int4"]  # 11.9 B parameters at 1 and ~0.53 bytes
+    assert "11.90 GB" in rows["int8-bnb"] and "6.14 GB" in rows["nf4"]  # nf4: 0.516 bytes with double quant
+    assert set(rows) >= {"int8", "int4", "fp8", "int8-bnb", "nf4", "fp4"}
 
 
 def test_missing_source_is_a_usage_error():
@@ -58,32 +61,30 @@ def test_same_source_and_recipe_give_the_same_bytes(tiny_source, tiny_int8_tag):
 
     from models.artifact import read_manifest
 
-    again = run_module("quantize", str(tiny_source), "--recipe", "int8", "--name", "reproducible")
+    again = run_module("quantize", str(tiny_source), "--recipe", "int8", "--name", "reproducible",
+                       "--validation-size", "64")
     assert again.returncode == 0, again.stderr
     first = read_manifest(Path(bentoml.models.get(tiny_int8_tag).path))
     second = read_manifest(Path(bentoml.models.get(again.stdout.strip().splitlines()[-1]).path))
     assert first.files == second.files
 
 
-def test_an_interrupted_run_leaves_nothing_behind(tmp_path):
+def test_an_interrupted_run_leaves_nothing_behind(medium_source, tmp_path):
     """SIGTERM while the medium artifact is being written: no model in the store, no staging folder."""
     import os
     import signal
     import subprocess
     import sys
 
-    from models.architecture import build_pipeline
     from tests.conftest import REPO
 
-    source = tmp_path / "flux-medium"
-    build_pipeline("medium").save_pretrained(source)
     staging = tmp_path / "tmp"
     staging.mkdir()
-    process = subprocess.Popen([sys.executable, "-m", "quantize", str(source), "--recipe", "int8", "--name", "cut"],
+    process = subprocess.Popen([sys.executable, "-m", "quantize", str(medium_source), "--recipe", "int8", "--name", "cut"],
                                cwd=REPO, env={**os.environ, "TMPDIR": str(staging)}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     for line in process.stderr:
-        if "writing components" in line:
+        if "writing text_encoder_2" in line:
             process.send_signal(signal.SIGTERM)
             break
     _, stderr = process.communicate(timeout=300)
@@ -111,7 +112,8 @@ def test_quality_gate_passes_records_metrics_and_a_contact_sheet(tiny_source):
 
     from models.artifact import read_manifest
 
-    result = run_module("quantize", str(tiny_source), "--recipe", "int8", "--name", "gated", "--min-psnr", "20")
+    result = run_module("quantize", str(tiny_source), "--recipe", "int8", "--name", "gated", "--min-psnr", "20",
+                        "--validation-size", "64")
     assert result.returncode == 0, result.stderr
     assert "image PSNR" in result.stdout
     folder = Path(bentoml.models.get(result.stdout.strip().splitlines()[-1]).path)
@@ -120,11 +122,12 @@ def test_quality_gate_passes_records_metrics_and_a_contact_sheet(tiny_source):
     assert len(manifest.quality["per_prompt"]) == 3 and manifest.estimated_peak_gib_1024 > 0
     assert "validation/contact_sheet.png" in manifest.files  # hashed like every other file
     sheet = Image.open(io.BytesIO((folder / "validation/contact_sheet.png").read_bytes()))
-    assert sheet.size == (3 * 256, 2 * 256)
+    assert sheet.size == (3 * 64, 2 * 64)
 
 
 def test_quality_gate_fails_below_the_bar_and_stores_nothing(tiny_source):
-    result = run_module("quantize", str(tiny_source), "--recipe", "int4", "--name", "below-bar", "--min-psnr", "99")
+    result = run_module("quantize", str(tiny_source), "--recipe", "nf4", "--name", "below-bar", "--min-psnr", "99",
+                        "--validation-size", "64")
     assert result.returncode == 3
     assert "quality gate failed" in result.stderr and "nothing was stored" in result.stderr
     assert not [model for model in bentoml.models.list() if model.tag.name == "below-bar"]
@@ -153,7 +156,8 @@ def test_per_component_choice_of_what_to_quantize_and_what_to_keep(tiny_source):
     folder = Path(bentoml.models.get(result.stdout.strip().splitlines()[-1]).path)
     manifest = read_manifest(folder)
     assert manifest.components["text_encoder_2"].quantization is None  # T5 stayed bf16
-    assert manifest.components["transformer"].quantization["kept_in_bf16"] == "proj_out,x_embedder,context_embedder"
+    kept = manifest.components["transformer"].quantization["kept_in_bf16"].split(",")
+    assert sorted(kept) == ["context_embedder", "proj_out", "x_embedder"]
     quantized = json.loads((folder / "transformer/quantization_map.json").read_text())
     assert not {"proj_out", "x_embedder", "context_embedder"} & set(quantized)
     assert any(name.startswith("transformer_blocks.0.") for name in quantized)
@@ -169,3 +173,56 @@ def test_unknown_component_is_refused(tiny_source):
     assert result.returncode == 2 and "unknown component(s) ['unet']" in result.stderr
     result = run_module("quantize", str(tiny_source), "--recipe", "int8", "--keep", "transformer")
     assert result.returncode == 2 and "expected COMPONENT=PATTERN" in result.stderr
+
+
+def test_group_size_only_for_grouped_formats(tiny_source):
+    result = run_module("quantize", str(tiny_source), "--recipe", "int8", "--group-size", "64")
+    assert result.returncode == 2 and "has no groups" in result.stderr
+    result = run_module("quantize", str(tiny_source), "--recipe", "int4", "--group-size", "100")
+    assert result.returncode == 2 and "power of two" in result.stderr
+
+
+def test_single_file_checkpoint_on_a_diffusers_base(single_file, medium_source, tmp_path):
+    """flux1-dev.safetensors + --base: keys converted as diffusers converts them, streamed, gated, loadable."""
+    from pathlib import Path
+
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from models.artifact import load_pipeline
+    from quantize.recipes import RECIPES, quantize_model
+    from tests.test_artifact import transformer_inputs
+
+    result = run_module("quantize", str(single_file), "--base", str(medium_source), "--recipe", "int8",
+                        "--validation-size", "64", "--validation-steps", "2", "--min-psnr", "20")
+    assert result.returncode == 0, result.stderr
+    tag = result.stdout.strip().splitlines()[-1]
+    assert tag.startswith("flux1-medium-int8:")
+    pipe, manifest = load_pipeline(Path(bentoml.models.get(tag).path))
+    assert manifest.source == str(single_file) and "+sha256:" in manifest.source_revision
+    reference = FluxTransformer2DModel.from_single_file(str(single_file), config=str(medium_source),
+                                                        subfolder="transformer", dtype=torch.bfloat16).eval()
+    quantize_model(reference, "transformer", RECIPES["int8"])
+    inputs = transformer_inputs(reference.config)
+    with torch.no_grad():
+        assert torch.equal(pipe.transformer(**inputs).sample, reference(**inputs).sample)
+
+
+def test_tar_export_import_keeps_tag_labels_and_hashes(tiny_tag, tmp_path):
+    import json
+    from pathlib import Path
+
+    from models.artifact import load_pipeline, read_manifest
+
+    tag = tiny_tag("nf4")
+    archive = tmp_path / "nf4.tar"  # absolute: BentoML resolves relative export paths against /
+    assert run_module("bentoml", "models", "export", tag, str(archive)).returncode == 0
+    other = {"BENTOML_HOME": str(tmp_path / "other-store")}
+    imported = run_module("bentoml", "models", "import", str(archive), env=other)
+    assert imported.returncode == 0, imported.stderr
+    listed = json.loads(run_module("bentoml", "models", "get", tag, "-o", "json", env=other).stdout)
+    assert listed["labels"] == {"recipe": "nf4", "backend": "bitsandbytes", "source": "flux-tiny"}
+    name, version = tag.split(":")
+    moved = tmp_path / "other-store" / "models" / name / version
+    _, manifest = load_pipeline(moved)  # every sha256 checked
+    assert manifest.files == read_manifest(Path(bentoml.models.get(tag).path)).files

@@ -1,0 +1,87 @@
+"""`python -m bench.streaming`: quantize a full-size FLUX.1-dev transformer checkpoint with bounded memory.
+
+Writes a synthetic checkpoint in the diffusers sharded layout (random bf16 weights, the real 11.9 B
+parameter architecture, shard by shard), then streams it through `write_component` once per recipe,
+each in a fresh process, and prints wall time, peak RSS and artifact bytes against the bf16 bytes.
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from models.architecture import build_module
+from models.tensors import ShardWriter
+
+QUANTIZE = """
+import resource, sys
+from pathlib import Path
+from models.source import Source
+from quantize.recipes import RECIPES
+from quantize.stream import write_component
+source = Source(id=sys.argv[1], revision="synthetic", path=Path(sys.argv[1]))
+write_component(source, "transformer", Path(sys.argv[2]), RECIPES[sys.argv[3]])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # peak RSS, bytes
+"""
+
+
+def write_synthetic_transformer(folder: Path, shard_bytes: int = 2 << 30) -> int:
+    """The full transformer's config and random bf16 weights, one tensor in memory at a time."""
+    with torch.device("meta"):
+        model = build_module("full", "transformer")
+    model.save_config(folder)
+    writer = ShardWriter(folder, shard_bytes, name="diffusion_pytorch_model")
+    generator = torch.Generator().manual_seed(0)
+    for name, meta in track(list(model.state_dict().items()), description="writing synthetic checkpoint"):
+        writer.add({name: (torch.randn(meta.shape, generator=generator) * 0.02).to(torch.bfloat16)})
+    writer.close()
+    return writer.total
+
+
+def quantize_in_fresh_process(source: Path, out: Path, recipe: str) -> dict:
+    started = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", QUANTIZE, str(source), str(out), recipe], check=True,
+                         capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    peak = int(run.stdout.split()[-1])
+    artifact = sum(path.stat().st_size for path in out.iterdir() if path.suffix == ".safetensors")
+    return {"recipe": recipe, "wall_s": round(wall, 1), "peak_rss_bytes": peak, "artifact_bytes": artifact}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.streaming", description=__doc__)
+    parser.add_argument("--work", type=Path, default=Path("build/streaming"), help="scratch folder (~45 GB)")
+    parser.add_argument("--recipes", default="int8,int4", help="comma-separated recipe names")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+    source = args.work / "source" / "transformer"
+    started = time.perf_counter()
+    bf16_bytes = write_synthetic_transformer(source)
+    print(f"synthetic checkpoint: {bf16_bytes:,} bytes in {time.perf_counter() - started:.0f} s")
+    results = []
+    for recipe in args.recipes.split(","):
+        out = args.work / recipe
+        shutil.rmtree(out, ignore_errors=True)
+        results.append(quantize_in_fresh_process(args.work / "source", out, recipe) | {"bf16_bytes": bf16_bytes})
+        shutil.rmtree(out)
+    table = Table(title="full FLUX.1-dev transformer, streamed")
+    for column in ("recipe", "wall", "peak RSS", "artifact bytes", "× bf16"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(r["recipe"], f"{r['wall_s']:.0f} s", f"{r['peak_rss_bytes'] / 1024**3:.2f} GiB",
+                      f"{r['artifact_bytes']:,}", f"{r['artifact_bytes'] / bf16_bytes:.3f}")
+    Console().print(table)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
