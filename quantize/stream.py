@@ -4,7 +4,10 @@ Each component is built on the meta device from its config; each module's tensor
 if the recipe says so, added to the shard being written, and dropped before the next module is read.
 """
 
+import ctypes
+import ctypes.util
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from models.tensors import SHARD_BYTES, ShardWriter, TensorFiles
 from quantize.recipes import Recipe, quantized_linear
 
 Progress = Callable[[str, int, int], None]  # component, modules done, modules in all
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
 
 
 def write_component(source: Source, component: str, folder: Path, recipe: Recipe,
@@ -41,6 +45,7 @@ def write_component(source: Source, component: str, folder: Path, recipe: Recipe
         writer.add({f"{name}.{key}" if name else key: tensor for key, tensor in state.items()})
         for key, tensor in meta.items():
             setattr(module, key, tensor)  # back to meta: the real tensors now live only in the shard
+        _release_freed_memory()
         progress(component, done, len(modules))
     writer.close()
     write_config(model, folder)
@@ -48,6 +53,13 @@ def write_component(source: Source, component: str, folder: Path, recipe: Recipe
         (folder / QUANTIZATION_MAP).write_text(json.dumps(quantization, indent=2, sort_keys=True))
         return recipe.manifest_entry(kept)
     return None
+
+
+def _release_freed_memory() -> None:
+    """glibc keeps the freed temporaries of quantization in its arenas (int4 reached 5.8 GiB RSS on the
+    full transformer); giving them back after each layer keeps the peak at a layer plus a shard."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _own_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
