@@ -19,7 +19,7 @@ tiny: install
 
 demo: tiny
 	$(PYTHON) -m quantize $(TINY) --recipe int8
-	$(PYTHON) -m quantize $(TINY) --recipe int4
+	$(PYTHON) -m quantize $(TINY) --recipe int4 --group-size 64  # tiny layers have 64 inputs
 	$(PYTHON) -m service.demo --out build/demo.png
 
 test: install

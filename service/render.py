@@ -9,6 +9,7 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
+from models.architecture import decode_in_float32
 from service.jobs import JobBoard
 from service.placement import Placement
 from service.prompts import PromptCache, encode_prompts
@@ -48,6 +49,8 @@ class Renderer:
                  board: JobBoard | None = None) -> None:
         self.pipe, self.placement, self.cache, self.board = pipe, placement, cache, board or JobBoard()
         placement.apply(pipe)
+        if placement.device.type == "cpu":
+            decode_in_float32(pipe.vae)
         pipe.vae.enable_slicing()  # decode one image at a time: batched convolutions round differently
         pipe.set_progress_bar_config(disable=True)
 

@@ -56,9 +56,11 @@ def test_fails_clearly_when_the_server_is_not_reachable(tmp_path):
 
 
 def test_run_against_a_tiny_server_writes_json_and_png(tiny_int8_tag, tmp_path):
+    mix = tmp_path / "mix.json"  # small shapes: bf16 convolutions are slow on CPUs without avx512_bf16
+    mix.write_text(json.dumps([{"width": 64, "height": 64, "steps": 2}, {"width": 128, "height": 128, "steps": 2}]))
     result = run_module("bench", "--serve", tiny_int8_tag, "--url", f"http://127.0.0.1:{free_port()}",
                         "--grpc-target", f"127.0.0.1:{free_port()}", "--concurrency", "1,4", "--requests", "8",
-                        "--overhead-requests", "2", "--out", str(tmp_path))
+                        "--overhead-requests", "2", "--mix", str(mix), "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     assert [(level["protocol"], level["concurrency"]) for level in report["levels"]] == [
