@@ -36,7 +36,7 @@ PLANS = {
     ("nf4", 24): ("resident", 8, None),
     ("nf4", 80): ("resident", 8, None),
     ("int8", 12): ("sequential-offload", 8, None),
-    ("nf4", 12): ("resident", 2, 1024),
+    ("nf4", 12): ("resident", 2, None),
 }
 
 
