@@ -34,6 +34,8 @@ def write_component(source: Source, component: str, folder: Path, recipe: Recipe
     for done, (name, module) in enumerate(modules, 1):
         meta = {key: tensor for key, tensor in _own_tensors(module).items() if id(tensor) not in seen}
         seen |= {id(tensor) for tensor in meta.values()}
+        if not meta:  # a tied module, written under its first name
+            continue
         state = {key: _cast(_read(tensors, aliases[id(tensor)], tensor), dtype) for key, tensor in meta.items()}
         for key, tensor in state.items():
             setattr(module, key, torch.nn.Parameter(tensor, requires_grad=False) if key in module._parameters else tensor)
