@@ -141,21 +141,16 @@ def test_recipe_mismatch_names_the_quantization_map(artifact_copy):
         load_pipeline(artifact_copy)
 
 
-def test_unknown_backend_is_refused(artifact_copy):
+@pytest.mark.parametrize("backend, message", [
+    ("torchao", "manifest.json: backend 'torchao' is not one this reader loads"),
+    ("bitsandbytes", "manifest.json: text_encoder_2 was quantized with quanto, the recipe.s backend is bitsandbytes"),
+])
+def test_unknown_or_mismatched_backend_is_refused(artifact_copy, backend, message):
     manifest_path = artifact_copy / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["backend"] = "torchao"
+    manifest["backend"] = backend
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="manifest.json: backend 'torchao' is not one this reader loads"):
-        load_pipeline(artifact_copy)
-
-
-def test_backend_mismatch_is_refused(artifact_copy):
-    manifest_path = artifact_copy / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["backend"] = "bitsandbytes"
-    manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="manifest.json: text_encoder_2 was quantized with quanto, the recipe.s backend is bitsandbytes"):
+    with pytest.raises(ArtifactError, match=message):
         load_pipeline(artifact_copy)
 
 
