@@ -24,8 +24,8 @@ from bench.plot import plot_levels
 from bench.report import LevelResult, batch_histogram, batches_between
 from models.artifact import load_pipeline
 from service.launcher import running_server
-from service.placement import Placement
-from service.render import Renderer
+from service.runtime.placement import Placement
+from service.runtime.render import Renderer
 from service.schema import WorkItem
 
 console = Console(stderr=True)

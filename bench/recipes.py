@@ -20,8 +20,8 @@ from rich.table import Table
 from models.architecture import build_pipeline
 from models.sizes import module_bytes
 from quantize.recipes import RECIPES, apply_recipe
-from service.placement import Placement, plan_placement
-from service.render import Renderer
+from service.runtime.placement import Placement, plan_placement
+from service.runtime.render import Renderer
 from service.schema import WorkItem
 
 GIB = 1024**3

@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("build/streaming"), help="scratch folder (~45 GB)")
     parser.add_argument("--recipes", default="int8,int4", help="comma-separated recipe names")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--keep", action="store_true", help="keep the artifacts (bench.cold_start reads them)")
     args = parser.parse_args()
     source = args.work / "source" / "transformer"
     started = time.perf_counter()
@@ -75,7 +76,8 @@ def main() -> None:
         out = args.work / recipe
         shutil.rmtree(out, ignore_errors=True)
         results.append(quantize_in_fresh_process(args.work / "source", out, recipe) | {"bf16_bytes": bf16_bytes})
-        shutil.rmtree(out)
+        if not args.keep:
+            shutil.rmtree(out)
     table = Table(title="full FLUX.1-dev transformer, streamed")
     for column in ("recipe", "wall", "peak RSS", "artifact bytes", "× bf16"):
         table.add_column(column, justify="right")

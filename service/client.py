@@ -9,7 +9,7 @@ import httpx
 from rich.progress import Progress
 
 from service.schema import GenerationRequest
-from service.stubs import messages, services
+from service.fronts.stubs import messages, services
 
 FORMATS = {"png": messages.IMAGE_FORMAT_PNG, "jpeg": messages.IMAGE_FORMAT_JPEG}
 

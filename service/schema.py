@@ -1,19 +1,31 @@
-"""The request every protocol accepts: typed, documented, bounded."""
+"""The request every protocol accepts: typed, documented, bounded; and the limits the plan adds."""
 
+from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_PROMPT_CHARS = 2000  # T5 reads 512 tokens; longer prompts are refused, not silently cut
 
 
+class ImageFormat(StrEnum):
+    png = "png"
+    jpeg = "jpeg"
+    webp = "webp"
+
+
 class GenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field ("sede") is refused, not ignored
+
     prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw")]
-    width: Annotated[int, Field(ge=64, le=2048, multiple_of=16, description="Pixels, a multiple of 16")] = 1024
+    width: Annotated[int, Field(ge=64, le=2048, multiple_of=16, description="Pixels, a multiple of 16; the "
+                                "deployment's largest side is on /info")] = 1024
     height: Annotated[int, Field(ge=64, le=2048, multiple_of=16, description="Pixels, a multiple of 16")] = 1024
     steps: Annotated[int, Field(ge=1, le=100, description="Denoising steps")] = 28
     guidance: Annotated[float, Field(ge=0.0, le=20.0, description="Distilled guidance scale")] = 3.5
     seed: Annotated[int, Field(ge=0, lt=2**63, description="Same seed, same image, alone or in a batch")] = 0
+    format: Annotated[ImageFormat, Field(description="Encoding of the returned image")] = ImageFormat.png
+    quality: Annotated[int, Field(ge=1, le=100, description="JPEG/WebP quality (ignored for PNG)")] = 90
 
     @field_validator("prompt")
     @classmethod
@@ -27,9 +39,37 @@ class GenerationRequest(BaseModel):
         """Requests with the same shape run as one pipeline call."""
         return (self.height, self.width, self.steps, self.guidance)
 
+    @property
+    def side(self) -> int:
+        return max(self.height, self.width)
+
 
 class WorkItem(GenerationRequest):
-    """A request as the batching worker sees it: who sent it, and an id to follow or cancel it."""
+    """A request as the batching worker sees it: who sent it, an id to follow or cancel it, and when it
+    arrived and must be done by (wall-clock seconds)."""
 
     protocol: str = "http"
-    job_id: str = ""
+    request_id: str = ""
+    arrived: float = 0.0
+    deadline: float | None = None
+
+
+class Refused(ValueError):
+    """A request this deployment will not run; `field` names what to change."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+class Limits(BaseModel):
+    """What the placement plan lets this deployment serve."""
+
+    max_side: int
+    max_batch: dict[int, int]  # resolution bucket -> largest batch the plan allows
+
+    def check(self, request: GenerationRequest) -> None:
+        for field in ("width", "height"):
+            if getattr(request, field) > self.max_side:
+                raise Refused(field, f"{getattr(request, field)} is larger than this deployment serves "
+                                     f"(largest side: {self.max_side})")

@@ -1,119 +1,145 @@
-"""BentoML services: a batching FLUX worker, and the front that serves it over HTTP and gRPC."""
+"""BentoML services: a batching FLUX worker (one queue per resolution bucket), and the front that serves
+it over HTTP and gRPC. Nothing heavy happens at import: the artifact is read and the device queried when
+the worker starts."""
 
-import io
-import logging
+import asyncio
+import time
 from pathlib import Path
+from typing import Annotated
 
 import bentoml
-import torch
-from PIL import Image
+from starlette.responses import JSONResponse, Response
 
-from models.artifact import load_pipeline, read_manifest
-from models.sizes import GIB
-from service.grpc_server import start_grpc_server
-from service.jobs import JobBoard
-from service.remote import call_worker
-from service.placement import Placement, Plan, PlanError, plan_placement
-from service.prompts import PromptCache
-from service.render import OUT_OF_MEMORY, Renderer
-from service.schema import GenerationRequest, WorkItem
-from service.settings import (ARTIFACT, ARTIFACT_ENV, GPU_MEMORY_GB, GRPC_ADDRESS, MAX_BATCH_SIZE, MAX_IN_FLIGHT,
-                              MAX_LATENCY_MS, MAX_RESOLUTION, PROMPT_CACHE_MB, WARMUP_SIZE, WARMUP_STEPS)
+from models.artifact import load_pipeline
+from service.fronts.gateway import Gateway, Rejected
+from service.fronts.grpc_front import GrpcFront
+from service.fronts.outcomes import http_status
+from service.observe import BATCHES, REQUEST_ID_HEADER, logger, new_request_id
+from service.runtime.board import Board
+from service.runtime.device import device_and_budget, device_responds, hold_to_budget
+from service.runtime.placement import Placement, PlanError, plan_placement
+from service.runtime.prompts import PromptCache
+from service.runtime.render import Renderer
+from service.runtime.result import Result
+from service.schema import GenerationRequest, Limits, WorkItem
+from service.settings import RESOLUTION_BUCKETS, settings
 
-BATCHES = bentoml.metrics.Counter(name="flux_batches", documentation="Batches run, by the protocols they mixed",
-                                  labelnames=["protocols"])
-logger = logging.getLogger("bentoml.flux")
+SETTINGS = settings()
+COMPONENTS = ("transformer", "text_encoder_2", "text_encoder", "vae")
 
 
 def artifact_reference(tag: str) -> bentoml.models.BentoModel:
-    """The served artifact, checked when the service is defined so a wrong tag stops `serve` and `build` at once."""
+    """The served artifact (a model-store lookup), so a wrong tag stops `serve` and `build` at once."""
     reference = bentoml.models.BentoModel(tag)
     if reference.stored is None:
         known = ", ".join(str(model.tag) for model in bentoml.models.list()) or "none"
-        raise SystemExit(f"{ARTIFACT_ENV}={tag!r}: no such model in the BentoML store (have: {known})")
+        raise SystemExit(f"FLUX_ARTIFACT={tag!r}: no such model in the BentoML store (have: {known})")
     return reference
 
 
-def device_and_budget() -> tuple[torch.device, int]:
-    if not torch.cuda.is_available():
-        return torch.device("cpu"), int((GPU_MEMORY_GB or 1024) * GIB)
-    total = torch.cuda.get_device_properties(0).total_memory
-    return torch.device("cuda"), int(GPU_MEMORY_GB * GIB) if GPU_MEMORY_GB else total
-
-
-def placement_plan(reference: bentoml.models.BentoModel) -> Plan:
-    """Where the artifact's components go on this device's budget; a configuration that cannot fit stops here."""
-    manifest = read_manifest(Path(reference.stored.path))
-    weights = {name: manifest.components[name].bytes for name in ("transformer", "text_encoder_2", "text_encoder", "vae")}
-    try:
-        return plan_placement(weights, device_and_budget()[1], MAX_RESOLUTION, MAX_BATCH_SIZE)
-    except PlanError as error:
-        raise SystemExit(f"{reference.tag}: {error}") from None
+def bucket_api(resolution: int):
+    """The batching queue for requests whose larger side is at most `resolution` (and above the last)."""
+    def generate(self, items: list[WorkItem]) -> list[Result]:
+        BATCHES.labels(protocols="+".join(sorted({item.protocol for item in items}))).inc()
+        return self.renderer.render(items)
+    generate.__name__ = generate.__qualname__ = f"generate_{resolution}"
+    return bentoml.api(generate, batchable=True, max_batch_size=SETTINGS.max_batch_size,
+                       max_latency_ms=SETTINGS.latency_ms(resolution))
 
 
 @bentoml.service(traffic={"timeout": 900})
 class FluxWorker:
-    """Loads one artifact, verifies it, warms up, then renders batches."""
+    """Loads one artifact, plans its placement, warms up, then renders batches."""
 
-    artifact = artifact_reference(ARTIFACT)
-    plan = placement_plan(artifact)
+    artifact = artifact_reference(SETTINGS.artifact)
 
     def __init__(self) -> None:
-        self.device, budget = device_and_budget()
-        if self.device.type == "cuda" and GPU_MEMORY_GB:  # hold a bigger GPU to the configured budget
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(0).total_memory))
-        logger.info("placement for %s: %s", self.artifact.tag, self.plan.describe())
+        self.device, budget = device_and_budget(SETTINGS.gpu_memory_gb)
         pipe, self.manifest = load_pipeline(Path(self.artifact.path))
-        self.cache = PromptCache(self.manifest.hash_of("text_encoder", "text_encoder_2"), PROMPT_CACHE_MB * 1024**2)
-        self.jobs = JobBoard()
-        self.renderer = Renderer(pipe, Placement(self.plan, self.device), self.cache, self.jobs)
-        self.renderer.render([WorkItem(prompt="warm-up", width=WARMUP_SIZE, height=WARMUP_SIZE, steps=WARMUP_STEPS)])
+        weights = {name: self.manifest.components[name].bytes for name in COMPONENTS}
+        try:
+            self.plan = plan_placement(weights, budget, SETTINGS.max_resolution, SETTINGS.max_batch_size)
+        except PlanError as error:
+            raise SystemExit(f"{self.artifact.tag}: {error}") from None
+        logger.info("placement for %s: %s", self.artifact.tag, self.plan.describe())
+        hold_to_budget(self.device, budget)
+        self.cache = PromptCache(self.manifest.hash_of("text_encoder", "text_encoder_2"),
+                                 SETTINGS.prompt_cache_mb * 1024**2)
+        self.board = Board()
+        self.renderer = Renderer(pipe, Placement(self.plan, self.device), self.cache, self.board)
+        side = min(SETTINGS.warmup_size, SETTINGS.max_resolution)
+        self.renderer.render([WorkItem(prompt="warm-up", width=side, height=side, steps=SETTINGS.warmup_steps)])
         logger.info("serving %s (%s, %s)", self.artifact.tag, self.manifest.recipe, self.device)
 
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def generate(self, requests: list[WorkItem]) -> list[bytes]:
-        """PNG bytes per request; a batch may mix shapes and protocols."""
-        BATCHES.labels(protocols="+".join(sorted({request.protocol for request in requests}))).inc()
-        return self.renderer.render(requests)
+    generate_512, generate_768, generate_1024, generate_1536, generate_2048 = map(bucket_api, RESOLUTION_BUCKETS)
 
     @bentoml.api
-    async def progress(self, job_id: str) -> int:
-        return self.jobs.progress(job_id)
+    async def limits(self) -> Limits:
+        return Limits(max_side=SETTINGS.max_resolution, max_batch=self.plan.max_batch)
 
     @bentoml.api
-    async def cancel(self, job_id: str) -> None:
-        self.jobs.cancel(job_id)
+    async def progress(self, request_id: str) -> int:
+        return self.board.progress(request_id)
 
     @bentoml.api
-    def info(self) -> dict:
+    async def cancel(self, request_id: str) -> None:
+        self.board.cancel(request_id)
+
+    @bentoml.api
+    async def alive(self) -> bool:
+        return await asyncio.wait_for(asyncio.to_thread(device_responds, self.device), SETTINGS.liveness_timeout_s)
+
+    @bentoml.api
+    async def info(self) -> dict:
+        """Async, so it answers while a batch runs in the worker's thread."""
         cache = {"entries": len(self.cache.entries), "bytes": self.cache.bytes, "hits": self.cache.hits,
                  "misses": self.cache.misses}
         return {"artifact": str(self.artifact.tag), "device": str(self.device), "placement": self.plan.describe(),
-                "prompt_cache": cache, **self.manifest.model_dump(exclude={"files"})}
+                "max_side": SETTINGS.max_resolution, "prompt_cache": cache,
+                **self.manifest.model_dump(exclude={"files"})}
 
 
-@bentoml.service(traffic={"timeout": 900, "max_concurrency": MAX_IN_FLIGHT})
+def http_answer(outcome: str, message: str, rid: str, field: str | None = None) -> JSONResponse:
+    """A failure in the shape of BentoML's validation errors, so one client parser reads both."""
+    detail = [{"loc": [field] if field else [], "msg": message, "type": outcome}]
+    return JSONResponse({"error": message, "outcome": outcome, "detail": detail}, status_code=http_status(outcome),
+                        headers={REQUEST_ID_HEADER: rid})
+
+
+@bentoml.service(traffic={"timeout": 900, "max_concurrency": SETTINGS.max_in_flight})
 class Flux:
-    """POST /txt2img (JSON in, image/png out) and gRPC flux.v1.TextToImage on FLUX_GRPC_ADDRESS."""
+    """POST /txt2img (JSON in, the worker's image bytes out) and gRPC flux.v1.TextToImage."""
 
     worker = bentoml.depends(FluxWorker)
 
     @bentoml.on_startup
-    async def start_grpc(self) -> None:
-        self.grpc_server, self.readiness = await start_grpc_server(self.worker, GRPC_ADDRESS, MAX_IN_FLIGHT)
+    async def start(self) -> None:
+        self.gateway = Gateway(self.worker)
+        self.grpc = GrpcFront(self.gateway, SETTINGS)
+        await self.grpc.start()
 
     @bentoml.on_shutdown
-    async def stop_grpc(self) -> None:
-        self.readiness.cancel()
-        await self.grpc_server.stop(grace=30)
+    async def stop(self) -> None:
+        await self.grpc.stop()
+
+    async def __is_ready__(self) -> bool:
+        return self.gateway.limits is not None
+
+    async def __is_alive__(self) -> bool:
+        return await self.gateway.alive(SETTINGS.liveness_timeout_s)
 
     @bentoml.api(route="/txt2img", input_spec=GenerationRequest)
-    async def txt2img(self, **fields) -> Image.Image:
-        png = (await call_worker(self.worker.to_async.generate, [WorkItem(**fields)]))[0]
-        if png == OUT_OF_MEMORY:
-            raise bentoml.exceptions.ServiceUnavailable("out of GPU memory for this size, even alone; try smaller")
-        return Image.open(io.BytesIO(png))
+    async def txt2img(self, ctx: bentoml.Context, **fields) -> Annotated[bytes, "image/png, image/jpeg or image/webp"]:
+        rid = new_request_id(ctx.request.headers.get(REQUEST_ID_HEADER))
+        item = WorkItem(**fields, protocol="http", request_id=rid, arrived=time.time())
+        try:
+            result = await self.gateway.render(item, caller_left=ctx.request.is_disconnected)
+        except Rejected as error:
+            return http_answer(error.outcome, error.message, rid, error.field)
+        if not result.ok:
+            return http_answer(result.status, result.message, rid)
+        return Response(result.image, media_type=result.media_type, headers={REQUEST_ID_HEADER: rid})
 
     @bentoml.api(route="/info")
     async def info(self) -> dict:
-        return await call_worker(self.worker.to_async.info)
+        return await self.gateway.info()

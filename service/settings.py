@@ -1,15 +1,48 @@
-"""The service's configuration: environment variables and their defaults, in one place."""
+"""The service's configuration: one object, read from FLUX_* environment variables and validated once."""
 
-import os
+from functools import cache
 
-ARTIFACT_ENV = "FLUX_ARTIFACT"
-ARTIFACT = os.environ.get(ARTIFACT_ENV, "flux-tiny-int8:latest")  # model-store tag to serve
-MAX_BATCH_SIZE = int(os.environ.get("FLUX_MAX_BATCH_SIZE", 8))
-MAX_LATENCY_MS = int(os.environ.get("FLUX_MAX_LATENCY_MS", 60_000))  # about 2x one full batch's run
-MAX_IN_FLIGHT = int(os.environ.get("FLUX_MAX_IN_FLIGHT", 64))  # per front process, HTTP and gRPC each
-GRPC_ADDRESS = os.environ.get("FLUX_GRPC_ADDRESS", "0.0.0.0:50051")
-WARMUP_SIZE = int(os.environ.get("FLUX_WARMUP_SIZE", 256))  # warm the largest size you serve on a GPU
-WARMUP_STEPS = int(os.environ.get("FLUX_WARMUP_STEPS", 1))
-GPU_MEMORY_GB = float(os.environ.get("FLUX_GPU_MEMORY_GB", 0)) or None  # budget; default: the whole device
-MAX_RESOLUTION = int(os.environ.get("FLUX_MAX_RESOLUTION", 2048))  # the largest side the planner must fit
-PROMPT_CACHE_MB = int(os.environ.get("FLUX_PROMPT_CACHE_MB", 1024))  # cached prompt embeddings, host memory
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+RESOLUTION_BUCKETS = (512, 768, 1024, 1536, 2048)  # one batching queue each; a request joins the smallest that holds it
+
+
+class Settings(BaseSettings):
+    """Every FLUX_* variable the service reads; a bad value stops start-up with the variable's name."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUX_", extra="ignore", frozen=True)
+
+    artifact: str = Field("flux-tiny-int8:latest", description="model-store tag to serve")
+    max_batch_size: int = Field(8, ge=1, le=64, description="largest batch any queue forms (the plan may lower it)")
+    max_latency_ms: dict[int, int] = Field(
+        {512: 15_000, 768: 30_000, 1024: 60_000, 1536: 120_000, 2048: 240_000},
+        description="per resolution bucket: how long a request may wait in its queue (about 2x a full batch)")
+    max_in_flight: int = Field(64, ge=1, description="calls per front process, HTTP and gRPC each")
+    grpc_address: str = Field("0.0.0.0:50051", description="where the gRPC front listens")
+    grpc_max_send_mb: int = Field(64, ge=4, description="largest gRPC reply (a 2048² PNG is ~10 MB)")
+    grpc_max_receive_mb: int = Field(4, ge=1, description="largest gRPC request")
+    shutdown_grace_s: float = Field(280, ge=0, description="in-flight gRPC calls may finish this long after SIGTERM")
+    warmup_size: int = Field(256, ge=64, description="warm up at this size; the largest you serve on a GPU")
+    warmup_steps: int = Field(1, ge=1)
+    gpu_memory_gb: float | None = Field(None, gt=0, description="memory budget; default: the whole device")
+    max_resolution: int = Field(2048, ge=64, le=RESOLUTION_BUCKETS[-1], description="largest side the plan must fit")
+    prompt_cache_mb: int = Field(1024, ge=0, description="cached prompt embeddings, host memory")
+    liveness_timeout_s: float = Field(10, gt=0, description="a device check slower than this fails /livez")
+
+    def latency_ms(self, bucket: int) -> int:
+        return self.max_latency_ms.get(bucket, max(self.max_latency_ms.values()))
+
+
+class SettingsError(SystemExit):
+    """Start-up stops here, naming each bad variable."""
+
+
+@cache
+def settings() -> Settings:
+    """The settings, read from the environment on first use (not at import)."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = "; ".join(f"FLUX_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors())
+        raise SettingsError(f"invalid configuration: {problems}") from None

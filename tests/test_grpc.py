@@ -15,7 +15,7 @@ from PIL import Image
 from service.client import FluxClient, FluxGrpcClient
 from service.launcher import running_server, start_server, stop, wait_ready
 from service.schema import GenerationRequest
-from service.stubs import SERVICE_NAME, messages
+from service.fronts.stubs import SERVICE_NAME, messages
 from tests.conftest import free_port
 
 SMALL = dict(width=128, height=128, steps=2)

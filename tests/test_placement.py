@@ -8,9 +8,9 @@ from models.artifact import load_pipeline
 from models.sizes import bytes_per_weight, expected_bytes
 from models.sizes import GIB
 from service.launcher import serve_command
-from service.placement import SAFETY_MARGIN, STRATEGIES, Placement, Plan, PlanError, plan_placement
-from service.prompts import PromptCache
-from service.render import OUT_OF_MEMORY, Renderer
+from service.runtime.placement import SAFETY_MARGIN, STRATEGIES, Placement, Plan, PlanError, plan_placement
+from service.runtime.prompts import PromptCache
+from service.runtime.render import OUT_OF_MEMORY, Renderer
 from service.schema import WorkItem
 from tests.conftest import free_port, run_module
 

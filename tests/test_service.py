@@ -15,8 +15,8 @@ from PIL import Image
 from bench.report import batch_histogram
 from models.artifact import load_pipeline
 from service.launcher import REPO, running_server, serve_command
-from service.placement import Placement
-from service.render import Renderer
+from service.runtime.placement import Placement
+from service.runtime.render import Renderer
 from service.schema import WorkItem
 from tests.conftest import free_port
 

@@ -11,14 +11,16 @@ Strategies, cheapest first:
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
+import bitsandbytes as bnb
 import torch
 from diffusers import FluxPipeline
 
 from models.sizes import (CUDA_CONTEXT, GIB, T5_ACTIVATIONS, resident_peak_bytes, transformer_activations,
                           vae_decode)
 
+from service.settings import RESOLUTION_BUCKETS as RESOLUTIONS
+
 SAFETY_MARGIN = int(0.5 * GIB)
-RESOLUTIONS = (512, 768, 1024, 1536, 2048)
 BATCH_SIZES = (8, 4, 2, 1)
 STRATEGIES = ("resident", "t5-on-demand", "take-turns", "sequential-offload")
 
@@ -58,7 +60,7 @@ def plan_placement(weights: dict[str, int], budget_bytes: int, max_resolution: i
                    hidden: int = 3072) -> Plan:
     """The cheapest strategy that renders `max_resolution` at batch 1, and its safe batch per resolution."""
     usable = budget_bytes - SAFETY_MARGIN
-    resolutions = [r for r in RESOLUTIONS if r <= max_resolution] or [max_resolution]
+    resolutions = sorted({r for r in RESOLUTIONS if r < max_resolution} | {max_resolution})
     for strategy in STRATEGIES:
         tiling_above = next((r for r in resolutions
                              if peak(strategy, weights, r, 1, False, hidden) > usable), None)
@@ -76,6 +78,19 @@ def plan_placement(weights: dict[str, int], budget_bytes: int, max_resolution: i
                     f"smaller recipe")
 
 
+def move(module: torch.nn.Module, device: torch.device) -> None:
+    """`module.to(device)`, and the int8 state bitsandbytes' LLM.int8() layers keep outside their parameters.
+
+    After its first forward a `Linear8bitLt` holds its int8 weights and scales in `layer.state` (CB, SCB);
+    a parent's `.to()` goes through `_apply`, which moves parameters only, so without this the state (the
+    whole int8 T5) would stay where it was. Quanto and 4-bit bitsandbytes keep everything in parameters.
+    """
+    module.to(device)
+    for layer in module.modules():
+        if isinstance(layer, bnb.nn.Linear8bitLt) and layer.state.SCB is not None:
+            layer.state.CB, layer.state.SCB = layer.weight.data, layer.state.SCB.to(device)
+
+
 class Placement:
     """Carries out a plan on a pipeline: initial placement, moves around encoding, VAE tiling."""
 
@@ -91,9 +106,10 @@ class Placement:
         if self.plan.strategy == "sequential-offload" and self.device.type == "cuda":
             pipe.enable_sequential_cpu_offload(device=self.device)
             return
-        pipe.to(self.device)
+        for name in ("transformer", "text_encoder_2", "text_encoder", "vae"):
+            move(getattr(pipe, name), self.device)
         if self.plan.strategy in ("t5-on-demand", "take-turns"):
-            pipe.text_encoder_2.to(self.host)
+            move(pipe.text_encoder_2, self.host)
 
     @contextmanager
     def encoding(self, pipe: FluxPipeline):
@@ -102,14 +118,14 @@ class Placement:
             yield
             return
         if self.plan.strategy == "take-turns":
-            pipe.transformer.to(self.host)
-        pipe.text_encoder_2.to(self.device)
+            move(pipe.transformer, self.host)
+        move(pipe.text_encoder_2, self.device)
         try:
             yield
         finally:
-            pipe.text_encoder_2.to(self.host)
+            move(pipe.text_encoder_2, self.host)
             if self.plan.strategy == "take-turns":
-                pipe.transformer.to(self.device)
+                move(pipe.transformer, self.device)
 
     def max_batch(self, resolution: int) -> int:
         """The safe batch of the smallest planned resolution at or above `resolution`."""
@@ -117,6 +133,11 @@ class Placement:
             return 1 << 30  # a plan without buckets does not limit batches
         fitting = [r for r in sorted(self.plan.max_batch) if r >= resolution]
         return self.plan.max_batch[fitting[0]] if fitting else 1
+
+    @staticmethod
+    def bucket(resolution: int) -> int:
+        """The batching queue (resolution bucket) a side of `resolution` pixels belongs to."""
+        return next((r for r in RESOLUTIONS if r >= resolution), RESOLUTIONS[-1])
 
     def decode_tiled(self, resolution: int) -> bool:
         return self.plan.vae_tiling_above is not None and resolution >= self.plan.vae_tiling_above

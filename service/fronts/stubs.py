@@ -1,4 +1,4 @@
-"""gRPC messages and service stubs, compiled from service/protos/flux/v1/flux.proto by grpcio-tools at import."""
+"""gRPC messages and service stubs, compiled from service/fronts/protos/flux/v1/flux.proto by grpcio-tools at import."""
 
 import sys
 from pathlib import Path

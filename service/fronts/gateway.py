@@ -1,0 +1,115 @@
+"""The one path every protocol front takes to the batching worker: check, queue in the right bucket,
+follow the caller, cancel on the worker when the caller leaves, count the outcome."""
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from service.fronts.outcomes import outcome_of_worker_error
+from service.fronts.remote import call_worker
+from service.observe import IN_FLIGHT, REFUSALS, REQUESTS, logger, request_id
+from service.runtime.placement import Placement
+from service.runtime.result import Result, Status, failure
+from service.schema import Limits, Refused, WorkItem
+
+POLL_S = 0.1  # how often a waiting call checks that its caller is still there
+
+
+class Rejected(Exception):
+    """A request the front answers itself, with an outcome of service.fronts.outcomes."""
+
+    def __init__(self, outcome: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.outcome, self.message, self.field = outcome, message, field
+
+
+class Gateway:
+    def __init__(self, worker) -> None:
+        self.worker = worker
+        self.limits: Limits | None = None  # known once the worker has loaded and planned
+        self._background: set[asyncio.Task] = set()
+
+    async def wait_for_worker(self) -> None:
+        """Until the worker has loaded, planned and warmed up; then learn the plan's limits."""
+        while True:
+            try:
+                if await self.worker.is_ready(5):
+                    self.limits = Limits.model_validate(await call_worker(self.worker.to_async.limits))
+                    return
+            except Exception:  # noqa: BLE001 - the worker is not listening yet
+                pass
+            await asyncio.sleep(0.5)
+
+    def check(self, item: WorkItem) -> None:
+        if self.limits is None:
+            raise Rejected("loading", "the model is still loading")
+        try:
+            self.limits.check(item)
+        except Refused as error:
+            REFUSALS.labels(reason=f"{error.field}_over_plan").inc()
+            raise Rejected("refused", error.message, error.field) from None
+
+    async def render(self, item: WorkItem, caller_left: Callable[[], Awaitable[bool]] | None = None) -> Result:
+        """The worker's Result for `item`; raises Rejected for what the front answers itself. A caller that
+        leaves (cancelled task, or `caller_left()` turning true) is cancelled on the worker too."""
+        token = request_id.set(item.request_id)
+        outcome = "error"
+        try:
+            self.check(item)
+            result = await self._follow(item, caller_left)
+            outcome = result.status
+            return result
+        except Rejected as error:
+            outcome = error.outcome
+            raise
+        except asyncio.CancelledError:
+            outcome = Status.cancelled
+            raise
+        finally:
+            REQUESTS.labels(protocol=item.protocol, outcome=outcome).inc()
+            logger.info("%s %dx%d %d steps: %s", item.protocol, item.width, item.height, item.steps, outcome)
+            request_id.reset(token)
+
+    async def _follow(self, item: WorkItem, caller_left) -> Result:
+        generate = getattr(self.worker.to_async, f"generate_{Placement.bucket(item.side)}")
+        call = asyncio.ensure_future(call_worker(generate, [item]))
+        IN_FLIGHT.inc()
+        try:
+            while not call.done():
+                await asyncio.wait({call}, timeout=POLL_S)
+                if not call.done() and caller_left is not None and await caller_left():
+                    self._cancel_on_worker(item.request_id, call)
+                    return failure(Status.cancelled, "the client disconnected")
+            return (await call)[0]
+        except asyncio.CancelledError:
+            self._cancel_on_worker(item.request_id, call)
+            raise
+        except Exception as error:  # noqa: BLE001 - BentoML raises what the worker's server answered
+            raise Rejected(outcome_of_worker_error(error), str(error) or type(error).__name__) from None
+        finally:
+            IN_FLIGHT.dec()
+
+    def _cancel_on_worker(self, rid: str, call: asyncio.Future) -> None:
+        """Tell the worker nobody waits for `rid` (it drops it from its queue, or stops and skips decode)."""
+        call.cancel()
+        task = asyncio.ensure_future(call_worker(self.worker.to_async.cancel, request_id=rid))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        logger.info("caller left: cancelling on the worker")
+
+    async def progress(self, rid: str) -> int:
+        try:
+            return await call_worker(self.worker.to_async.progress, request_id=rid)
+        except Exception:  # noqa: BLE001 - progress is best effort (e.g. while the worker shuts down)
+            return -1
+
+    async def alive(self, timeout_s: float) -> bool:
+        """True while loading; once serving, whether the worker runs a trivial device operation in time."""
+        if self.limits is None:
+            return True
+        try:
+            return await asyncio.wait_for(call_worker(self.worker.to_async.alive), timeout_s)
+        except Exception:  # noqa: BLE001 - a wedged or dead worker is exactly what this detects
+            return False
+
+    async def info(self) -> dict:
+        return await call_worker(self.worker.to_async.info)

@@ -1,0 +1,134 @@
+"""The gRPC front: flux.v1.TextToImage, health and reflection, over the same gateway as HTTP."""
+
+import asyncio
+import time
+
+import grpc
+from google.protobuf.unknown_fields import UnknownFieldSet
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
+
+from service.fronts.gateway import Gateway, Rejected
+from service.fronts.outcomes import grpc_code
+from service.fronts.stubs import SERVICE_NAME, messages, services
+from service.observe import REQUEST_ID_HEADER, new_request_id
+from service.runtime.result import Result
+from service.schema import GenerationRequest, ImageFormat, WorkItem
+from service.settings import Settings
+
+PROGRESS_POLL_S = 0.2
+FORMATS = {messages.IMAGE_FORMAT_PNG: ImageFormat.png, messages.IMAGE_FORMAT_JPEG: ImageFormat.jpeg,
+           messages.IMAGE_FORMAT_WEBP: ImageFormat.webp}
+MB = 1024 * 1024
+
+
+def message_limits(max_send_mb: int, max_receive_mb: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_send_mb * MB), ("grpc.max_receive_message_length", max_receive_mb * MB)]
+
+
+def describe(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+
+
+def work_item(request, rid: str, context) -> WorkItem:
+    """The gRPC message as the worker's request; unset optional fields take the HTTP defaults."""
+    unknown = sorted({field.field_number for field in UnknownFieldSet(request)})
+    if unknown:
+        raise Rejected("refused", f"unknown fields (numbers {unknown}) in flux.v1.GenerateRequest")
+    fields = {name: getattr(request, name) for name in GenerationRequest.model_fields
+              if name not in ("format",) and (name == "prompt" or request.HasField(name))}
+    remaining = context.time_remaining()
+    try:
+        return WorkItem(**fields, format=FORMATS[request.format], protocol="grpc", request_id=rid,
+                        arrived=time.time(), deadline=time.time() + remaining if remaining is not None else None)
+    except ValidationError as error:
+        raise Rejected("refused", describe(error)) from None
+
+
+class TextToImage(services.TextToImageServicer):
+    def __init__(self, gateway: Gateway, max_in_flight: int) -> None:
+        self.gateway, self.max_in_flight, self.in_flight = gateway, max_in_flight, 0
+
+    async def Generate(self, request, context):
+        started, item = time.perf_counter(), await self._admit(request, context)
+        return await self._reply(await self._render(item, context), item, started, context)
+
+    async def GenerateStream(self, request, context):
+        started, item = time.perf_counter(), await self._admit(request, context)
+        render = asyncio.ensure_future(self._render(item, context))
+        reported = 0
+        try:
+            while not render.done():
+                await asyncio.wait({render}, timeout=PROGRESS_POLL_S)
+                step = await self.gateway.progress(item.request_id)
+                if step > reported:
+                    reported = step
+                    yield messages.GenerateEvent(progress=messages.Progress(step=step, total_steps=item.steps))
+            yield messages.GenerateEvent(result=await self._reply(await render, item, started, context))
+        finally:
+            render.cancel()  # the client went away mid-stream: the gateway cancels the render on the worker
+
+    async def _admit(self, request, context) -> WorkItem:
+        rid = new_request_id(dict(context.invocation_metadata()).get(REQUEST_ID_HEADER))
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+        try:
+            if self.in_flight >= self.max_in_flight:
+                raise Rejected("overloaded", f"over {self.max_in_flight} calls in flight")
+            return work_item(request, rid, context)
+        except Rejected as error:
+            await context.abort(grpc_code(error.outcome), error.message)
+
+    async def _render(self, item: WorkItem, context) -> Result:
+        self.in_flight += 1
+        try:
+            return await self.gateway.render(item)
+        except Rejected as error:
+            await context.abort(grpc_code(error.outcome), error.message)
+        finally:
+            self.in_flight -= 1
+
+    @staticmethod
+    async def _reply(result: Result, item: WorkItem, started: float, context):
+        if not result.ok:
+            await context.abort(grpc_code(result.status), result.message)
+        timings = messages.Timings(total_ms=1000 * (time.perf_counter() - started), stages_ms=result.timings_ms)
+        return messages.GenerateReply(image=result.image, mime_type=result.media_type, seed=item.seed, timings=timings)
+
+
+class GrpcFront:
+    """The gRPC server beside BentoML's HTTP server: health follows readiness and shutdown."""
+
+    def __init__(self, gateway: Gateway, settings: Settings) -> None:
+        self.settings = settings
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                               *message_limits(settings.grpc_max_send_mb, settings.grpc_max_receive_mb)])
+        self.health = health.aio.HealthServicer()
+        services.add_TextToImageServicer_to_server(TextToImage(gateway, settings.max_in_flight), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.gateway, self.readiness = gateway, None
+
+    async def start(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            self.server.add_insecure_port(self.settings.grpc_address)
+        except RuntimeError as error:
+            raise SystemExit(f"FLUX_GRPC_ADDRESS={self.settings.grpc_address}: cannot listen ({error}); "
+                             f"is another server on that port?") from None
+        await self.server.start()
+        self.readiness = asyncio.ensure_future(self._serve_when_ready())
+
+    async def _serve_when_ready(self) -> None:
+        await self.gateway.wait_for_worker()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period."""
+        self.readiness.cancel()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace=self.settings.shutdown_grace_s)
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)

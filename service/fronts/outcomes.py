@@ -1,0 +1,36 @@
+"""Every way a request can end, mapped once to an HTTP status and a gRPC code (the README's outcome table)."""
+
+from http import HTTPStatus
+
+import grpc
+
+from service.runtime.result import Status
+
+# outcome -> (HTTP status, gRPC code). 499 is nginx's "client closed request": nobody reads it, logs do.
+OUTCOMES: dict[str, tuple[int, grpc.StatusCode]] = {
+    Status.ok: (HTTPStatus.OK, grpc.StatusCode.OK),
+    Status.cancelled: (499, grpc.StatusCode.CANCELLED),
+    Status.does_not_fit: (HTTPStatus.UNPROCESSABLE_ENTITY, grpc.StatusCode.FAILED_PRECONDITION),
+    Status.deadline: (HTTPStatus.GATEWAY_TIMEOUT, grpc.StatusCode.DEADLINE_EXCEEDED),
+    "refused": (HTTPStatus.BAD_REQUEST, grpc.StatusCode.INVALID_ARGUMENT),  # invalid, or over the plan's limits
+    "loading": (HTTPStatus.SERVICE_UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),  # the model is still loading
+    "overloaded": (HTTPStatus.TOO_MANY_REQUESTS, grpc.StatusCode.RESOURCE_EXHAUSTED),  # over the in-flight limit
+    "queue_full": (HTTPStatus.SERVICE_UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED),  # queue would wait too long
+    "timeout": (HTTPStatus.GATEWAY_TIMEOUT, grpc.StatusCode.DEADLINE_EXCEEDED),  # over the traffic timeout
+    "error": (HTTPStatus.INTERNAL_SERVER_ERROR, grpc.StatusCode.INTERNAL),
+}
+_BY_WORKER_STATUS = {HTTPStatus.TOO_MANY_REQUESTS: "overloaded", HTTPStatus.SERVICE_UNAVAILABLE: "queue_full",
+                     HTTPStatus.GATEWAY_TIMEOUT: "timeout"}
+
+
+def outcome_of_worker_error(error: Exception) -> str:
+    """A failed call to the worker (BentoML raises an exception carrying the HTTP status) as an outcome."""
+    return _BY_WORKER_STATUS.get(getattr(error, "error_code", None), "error")
+
+
+def http_status(outcome: str) -> int:
+    return int(OUTCOMES[outcome][0])
+
+
+def grpc_code(outcome: str) -> grpc.StatusCode:
+    return OUTCOMES[outcome][1]

@@ -1,0 +1,60 @@
+"""Observability shared by fronts and worker: Prometheus metrics, and a request id in every log line."""
+
+import logging
+import time
+import uuid
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import bentoml
+
+STAGES = ("queue_wait", "text_encode", "denoise", "decode", "image_encode")
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+STAGE_SECONDS = bentoml.metrics.Histogram(
+    name="flux_stage_seconds", documentation="Time per stage (queue_wait, image_encode: per request; text_encode, "
+    "denoise: per pipeline call; decode: per image)", labelnames=["stage", "bucket"], buckets=_SECONDS)
+REQUESTS = bentoml.metrics.Counter(name="flux_requests", documentation="Requests ended, by protocol and outcome",
+                                   labelnames=["protocol", "outcome"])
+IN_FLIGHT = bentoml.metrics.Gauge(name="flux_requests_in_flight", documentation="Requests admitted and not yet "
+                                  "answered, HTTP and gRPC, each counted once", multiprocess_mode="livesum")
+REFUSALS = bentoml.metrics.Counter(name="flux_refusals", documentation="Requests refused before queueing",
+                                   labelnames=["reason"])
+CANCELLATIONS = bentoml.metrics.Counter(name="flux_cancellations", documentation="Requests whose caller left, by "
+                                        "where the worker dropped them", labelnames=["stage"])
+OOM_SPLITS = bentoml.metrics.Counter(name="flux_oom_splits", documentation="Batches split after running out of memory")
+PROMPT_CACHE = bentoml.metrics.Counter(name="flux_prompt_cache", documentation="Prompt-embedding cache lookups",
+                                       labelnames=["result"])
+BATCHES = bentoml.metrics.Counter(name="flux_batches", documentation="Batches run, by the protocols they mixed",
+                                  labelnames=["protocols"])
+
+request_id: ContextVar[str] = ContextVar("request_id", default="")
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def new_request_id(offered: str | None = None) -> str:
+    """The caller's id when it offered a sane one, else a fresh one."""
+    if offered and len(offered) <= 128 and offered.isprintable():
+        return offered
+    return uuid.uuid4().hex
+
+
+@contextmanager
+def timed(stage: str, bucket: int, per: int = 1):
+    """Observe the block's duration for `stage`, once per `per` requests it served."""
+    started = time.perf_counter()
+    yield
+    elapsed = time.perf_counter() - started
+    for _ in range(per):
+        STAGE_SECONDS.labels(stage=stage, bucket=str(bucket)).observe(elapsed)
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if rid := request_id.get():
+            record.msg = f"[request {rid}] {record.msg}"
+        return True
+
+
+logger = logging.getLogger("bentoml.flux")
+logger.addFilter(_RequestIdFilter())

@@ -1,0 +1,29 @@
+"""The device the worker renders on: which one, its memory budget, and whether it still responds."""
+
+import torch
+
+from models.sizes import GIB
+
+
+def device_and_budget(gpu_memory_gb: float | None) -> tuple[torch.device, int]:
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), int((gpu_memory_gb or 1024) * GIB)
+    total = torch.cuda.get_device_properties(0).total_memory
+    return torch.device("cuda"), int(gpu_memory_gb * GIB) if gpu_memory_gb else total
+
+
+def hold_to_budget(device: torch.device, budget: int) -> None:
+    """Hold a bigger GPU to the configured budget, so a plan made for 16 GB is tested as 16 GB."""
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(0).total_memory))
+
+
+def device_responds(device: torch.device) -> bool:
+    """A trivial operation on the device, on a stream of its own so it does not wait behind a batch."""
+    if device.type == "cuda":
+        stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
+            value = (torch.ones(1, device=device) + 1).item()
+    else:
+        value = (torch.ones(1, device=device) + 1).item()
+    return value == 2.0

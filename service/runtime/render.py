@@ -1,0 +1,181 @@
+"""Render batches in explicit stages: text encode, denoise, decode, image encode; one Result per request.
+
+Requests whose caller left are dropped before their batch starts; a running batch stops at the next step
+once every request in it has left, and what nobody waits for is neither decoded nor encoded. A batch that
+runs out of memory is split in halves, after the failed attempt's tensors are released.
+"""
+
+import gc
+import time
+from collections import defaultdict
+
+import torch
+from diffusers import FluxPipeline
+
+from models.architecture import decode_in_float32
+from service.observe import CANCELLATIONS, OOM_SPLITS, PROMPT_CACHE, STAGE_SECONDS, logger, request_id
+from service.runtime.board import Board
+from service.runtime.imaging import MEDIA_TYPES, encode_image
+from service.runtime.placement import Placement
+from service.runtime.prompts import PromptCache, cached_embeddings, encode_missing, stack
+from service.runtime.result import Result, Status, failure
+from service.schema import WorkItem
+
+
+def group_by_shape(items: list[WorkItem]) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        groups[item.shape].append(index)
+    return groups
+
+
+def free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Stopwatch:
+    """Milliseconds per stage for one pipeline call, also observed in the stage histograms."""
+
+    def __init__(self, bucket: int) -> None:
+        self.bucket, self.ms = str(bucket), {}
+
+    def record(self, stage: str, started: float) -> None:
+        seconds = time.perf_counter() - started
+        self.ms[stage] = self.ms.get(stage, 0.0) + 1000 * seconds
+        STAGE_SECONDS.labels(stage=stage, bucket=self.bucket).observe(seconds)
+
+
+class Renderer:
+    """Setup once (placement, prompt cache, board of cancellations and progress), render many batches."""
+
+    def __init__(self, pipe: FluxPipeline, placement: Placement, cache: PromptCache | None = None,
+                 board: Board | None = None) -> None:
+        self.pipe, self.placement, self.cache, self.board = pipe, placement, cache, board or Board()
+        placement.apply(pipe)
+        if placement.device.type == "cpu":
+            decode_in_float32(pipe.vae)
+        pipe.set_progress_bar_config(disable=True)
+
+    def render(self, items: list[WorkItem]) -> list[Result]:
+        """One Result per item, in order; a batch may mix shapes."""
+        results: list[Result | None] = [None] * len(items)
+        for indices in group_by_shape(items).values():
+            live = []
+            for i in indices:
+                results[i] = self._left(items[i], "queued")
+                live += [i] if results[i] is None else []
+            size = self.placement.max_batch(items[indices[0]].side)
+            pending = [live[start:start + size] for start in range(0, len(live), size)]
+            while pending:
+                group = pending.pop(0)
+                rendered = self._attempt([items[i] for i in group])
+                if rendered is not None:
+                    results_for(results, group, rendered)
+                    continue
+                free_device_memory()  # outside the except clause: the failed attempt's frames are gone
+                if len(group) == 1:
+                    results[group[0]] = failure(Status.does_not_fit, f"{items[group[0]].width}x"
+                                                f"{items[group[0]].height} does not fit in device memory even alone")
+                else:
+                    OOM_SPLITS.inc()
+                    pending[:0] = [group[:len(group) // 2], group[len(group) // 2:]]
+        return results
+
+    def _left(self, item: WorkItem, stage: str) -> Result | None:
+        """The outcome of an item nobody waits for any more (cancelled, past its deadline), else None."""
+        if self.board.is_cancelled(item.request_id):
+            CANCELLATIONS.labels(stage=stage).inc()
+            return failure(Status.cancelled, f"cancelled while {stage}")
+        if item.deadline is not None and time.time() > item.deadline:
+            return failure(Status.deadline, f"deadline passed while {stage}")
+        return None
+
+    def _attempt(self, group: list[WorkItem]) -> list[Result] | None:
+        """The group's results, or None when it ran out of device memory."""
+        try:
+            return self._render_group(group)
+        except torch.OutOfMemoryError:
+            logger.warning("out of memory at batch %d of %dx%d", len(group), group[0].width, group[0].height)
+        return None
+
+    def _render_group(self, group: list[WorkItem]) -> list[Result]:
+        height, width, steps, guidance = group[0].shape
+        ids = [item.request_id for item in group]
+        clock, started = Stopwatch(self.placement.bucket(group[0].side)), time.perf_counter()
+        queue_ms = {item.request_id: 1000 * max(0.0, time.time() - item.arrived) for item in group if item.arrived}
+        for seconds in queue_ms.values():
+            STAGE_SECONDS.labels(stage="queue_wait", bucket=clock.bucket).observe(seconds / 1000)
+        self.board.start(ids)
+        try:
+            embeds, pooled = self._encode_text([item.prompt for item in group])
+            clock.record("text_encode", started)
+            started = time.perf_counter()
+            latents = self.pipe(
+                prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=height, width=width,
+                num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                generator=[torch.Generator(self.placement.device).manual_seed(item.seed) for item in group],
+                callback_on_step_end=self._step_callback(group),
+            ).images
+            clock.record("denoise", started)
+            results = [self._finish(item, latents[k:k + 1], clock) for k, item in enumerate(group)]
+        finally:
+            self.board.finish(ids)
+        for item, result in zip(group, results):
+            result.timings_ms = {"queue_wait": queue_ms.get(item.request_id, 0.0), **clock.ms}
+        return results
+
+    def _encode_text(self, prompts: list[str]):
+        """Embeddings for the batch; the encoders (and the placement's moves for them) run only on a miss."""
+        found = cached_embeddings(prompts, self.cache)
+        missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in found]
+        PROMPT_CACHE.labels(result="hit").inc(len(prompts) - sum(p in missing for p in prompts))
+        PROMPT_CACHE.labels(result="miss").inc(sum(p in missing for p in prompts))
+        if missing:
+            with self.placement.encoding(self.pipe):
+                found |= encode_missing(self.pipe, missing, self.cache)
+        return stack(found, prompts, self.pipe._execution_device)
+
+    def _step_callback(self, group: list[WorkItem]):
+        """Publish progress; stop early when nobody in the call waits for its images any more."""
+        ids = [item.request_id for item in group]
+
+        def on_step_end(pipe: FluxPipeline, step: int, timestep, callback_kwargs: dict) -> dict:
+            self.board.report(ids, step + 1)
+            if all(self.board.is_cancelled(item.request_id) or item.deadline and time.time() > item.deadline
+                   for item in group):
+                pipe._interrupt = True  # diffusers' documented way to stop a running pipeline
+            return callback_kwargs
+        return on_step_end
+
+    def _finish(self, item: WorkItem, latents: torch.Tensor, clock: Stopwatch) -> Result:
+        """Decode and encode one image, unless its caller has left."""
+        if (left := self._left(item, "running")) is not None:
+            return left
+        token = request_id.set(item.request_id)
+        try:
+            started = time.perf_counter()
+            image = self._decode(latents, item.height, item.width)
+            clock.record("decode", started)
+            started = time.perf_counter()
+            encoded = encode_image(image, item.format, item.quality)
+            clock.record("image_encode", started)
+        finally:
+            request_id.reset(token)
+        return Result(status=Status.ok, image=encoded, media_type=MEDIA_TYPES[item.format])
+
+    @torch.no_grad()
+    def _decode(self, latents: torch.Tensor, height: int, width: int):
+        """The VAE decode FluxPipeline runs for output_type="pil", one image at a time."""
+        pipe, vae = self.pipe, self.pipe.vae
+        vae.enable_tiling() if self.placement.decode_tiled(max(height, width)) else vae.disable_tiling()
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+        image = vae.decode(latents.to(vae.device), return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
+def results_for(results: list, indices: list[int], rendered: list[Result]) -> None:
+    for index, result in zip(indices, rendered):
+        results[index] = result

@@ -1,0 +1,28 @@
+"""What the worker hands back for each request: an encoded image, or the typed reason there is none."""
+
+from enum import StrEnum
+
+from pydantic import BaseModel
+
+
+class Status(StrEnum):
+    ok = "ok"
+    cancelled = "cancelled"  # the caller left (disconnected, cancelled the call)
+    does_not_fit = "does_not_fit"  # out of device memory even alone
+    deadline = "deadline"  # the request's deadline passed before its image was ready
+
+
+class Result(BaseModel):
+    status: Status
+    image: bytes = b""
+    media_type: str = ""
+    message: str = ""
+    timings_ms: dict[str, float] = {}  # stage -> milliseconds spent on this request's pipeline call
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.ok
+
+
+def failure(status: Status, message: str) -> Result:
+    return Result(status=status, message=message)
