@@ -24,7 +24,7 @@ def http_caller(url: str):
 
     def call(request: GenerationRequest) -> str:
         try:
-            return str(client.post("/txt2img", json=request.model_dump()).status_code)
+            return str(client.post("/txt2img", json=request.model_dump(mode="json")).status_code)
         except httpx.TransportError as error:
             return type(error).__name__
     return call

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-BATCH_BUCKET = re.compile(r'bentoml_service_adaptive_batch_size_bucket\{le="([^"]+)"[^}]*method_name="generate"[^}]*\} (\S+)')
+BATCH_BUCKET = re.compile(r'bentoml_service_adaptive_batch_size_bucket\{le="([^"]+)"[^}]*method_name="generate_[0-9]+"[^}]*\} (\S+)')
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -25,6 +25,7 @@ from models.tensors import INDEX, read_shards
 
 SCHEMA_VERSION = 2  # 2: every module component in shards; bitsandbytes backend
 MANIFEST = "manifest.json"
+STORE_RECORD = "model.yaml"  # written by BentoML's model store beside the artifact, not part of it
 QUANTIZATION_MAP = "quantization_map.json"
 COMPONENT_CLASSES = {
     "scheduler": FlowMatchEulerDiscreteScheduler,
@@ -113,20 +114,35 @@ def read_manifest(folder: Path) -> Manifest:
     if not path.is_file():
         raise ArtifactError(f"{path}: missing; not a FLUX artifact folder")
     raw = json.loads(path.read_text())
-    if raw.get("schema_version", 0) > SCHEMA_VERSION:
-        raise ArtifactError(f"{path}: schema version {raw['schema_version']} is newer than this reader "
+    version = raw.get("schema_version", 0)
+    if version > SCHEMA_VERSION:
+        raise ArtifactError(f"{path}: schema version {version} is newer than this reader "
                             f"({SCHEMA_VERSION}); upgrade flux-serve")
+    if version < SCHEMA_VERSION:
+        raise ArtifactError(f"{path}: schema version {version} is older than this reader ({SCHEMA_VERSION}) "
+                            f"and is not loaded; quantize the checkpoint again with `python -m quantize`")
     return Manifest.model_validate(raw)
 
 
-def verify_files(folder: Path, manifest: Manifest) -> None:
-    """Every file the manifest lists exists and has its recorded sha256."""
+def check_listing(folder: Path, manifest: Manifest) -> None:
+    """The folder holds exactly the files the manifest lists: none missing, none unknown."""
+    present = {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+    for relative in sorted(set(manifest.files) - present):
+        raise ArtifactError(f"{folder / relative}: listed in the manifest but missing")
+    for relative in sorted(present - set(manifest.files) - {MANIFEST, STORE_RECORD}):
+        raise ArtifactError(f"{folder / relative}: not listed in the manifest (unknown file in the artifact)")
+
+
+def verify_small_files(folder: Path, manifest: Manifest) -> None:
+    """The sha256 of every file but the weight shards (those are checked as they are read)."""
     for relative, expected in manifest.files.items():
-        path = folder / relative
-        if not path.is_file():
-            raise ArtifactError(f"{path}: listed in the manifest but missing")
-        if sha256_file(path) != expected:
-            raise ArtifactError(f"{path}: sha256 mismatch (truncated or altered file)")
+        if not relative.endswith(".safetensors") and sha256_file(folder / relative) != expected:
+            raise ArtifactError(f"{folder / relative}: sha256 mismatch (truncated or altered file)")
+
+
+def shard_sha256s(manifest: Manifest, component: str) -> dict[str, str]:
+    return {relative.split("/", 1)[1]: digest for relative, digest in manifest.files.items()
+            if relative.startswith(f"{component}/") and relative.endswith(".safetensors")}
 
 
 def check_quantization_map(path: Path, expected_weights: str) -> dict:
@@ -138,10 +154,11 @@ def check_quantization_map(path: Path, expected_weights: str) -> dict:
     return quantization
 
 
-def load_module(cls: type, folder: Path, component: Component) -> torch.nn.Module:
-    """A component from its config, shards and (if quantized) quantization map."""
+def load_module(cls: type, folder: Path, component: Component,
+                sha256s: dict[str, str] | None = None) -> torch.nn.Module:
+    """A component from its config, shards (checked against `sha256s` as read) and quantization map."""
     try:
-        state = read_shards(folder)
+        state = read_shards(folder, sha256s)
     except (OSError, ValueError) as error:  # unreadable shard or index
         raise ArtifactError(str(error)) from error
     model, taken = empty_model(cls, folder), set()
@@ -163,15 +180,17 @@ def _tied_aliases(model: torch.nn.Module) -> set[str]:
     return {name for name, _ in named if name not in unique}
 
 
-def load_component(name: str, folder: Path, component: Component) -> object:
+def load_component(name: str, folder: Path, manifest: Manifest, verify: bool) -> object:
     cls = COMPONENT_CLASSES[name]
     if issubclass(cls, torch.nn.Module):
-        return load_module(cls, folder / name, component)
+        sha256s = shard_sha256s(manifest, name) if verify else None
+        return load_module(cls, folder / name, manifest.components[name], sha256s)
     return cls.from_pretrained(folder / name)
 
 
 def load_pipeline(folder: Path, verify: bool = True) -> tuple[FluxPipeline, Manifest]:
-    """Read an artifact folder into a FluxPipeline on the CPU, checking every file's sha256 first."""
+    """Read an artifact folder into a FluxPipeline on the CPU, every byte read once: the listing and the
+    small files are checked first, each weight shard's sha256 while it is turned into tensors."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest.backend not in BACKENDS:
@@ -181,6 +200,7 @@ def load_pipeline(folder: Path, verify: bool = True) -> tuple[FluxPipeline, Mani
             raise ArtifactError(f"{folder / MANIFEST}: {name} was quantized with {component.quantization['backend']}, "
                                 f"the recipe's backend is {manifest.backend}")
     if verify:
-        verify_files(folder, manifest)
-    components = {name: load_component(name, folder, manifest.components[name]) for name in COMPONENT_CLASSES}
+        check_listing(folder, manifest)
+        verify_small_files(folder, manifest)
+    components = {name: load_component(name, folder, manifest, verify) for name in COMPONENT_CLASSES}
     return FluxPipeline(**components), manifest

@@ -4,13 +4,15 @@ Sources are read through `safe_open`, opened per read so that no file stays mapp
 written in shards of bounded size with an HF-style index (`model.safetensors.index.json`).
 """
 
+import hashlib
 import json
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 INDEX = "model.safetensors.index.json"
 FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
@@ -88,18 +90,40 @@ class ShardWriter:
         self.pending = {}
 
 
-def read_shards(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor a ShardWriter wrote in `folder`, checked against its index."""
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()  # releases the GIL: runs beside deserialization
+
+
+def read_shards(folder: Path, sha256s: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor a ShardWriter wrote in `folder`, checked against its index.
+
+    With `sha256s` (shard file name -> expected digest), each shard is read from disk once: its bytes
+    are hashed on other cores while the same bytes are turned into tensors, and a mismatch is an error.
+    """
     index = json.loads((folder / INDEX).read_text())["weight_map"]
     tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index.values())):
-        try:
-            tensors.update({name: _aligned(tensor) for name, tensor in load_file(folder / shard).items()})
-        except SafetensorError as error:
-            raise ValueError(f"{folder / shard}: unreadable ({error})") from error
+    digests: dict[str, Future] = {}
+    with ThreadPoolExecutor(max_workers=2) as hashers:
+        for shard in sorted(set(index.values())):
+            data = (folder / shard).read_bytes()
+            if sha256s is not None:
+                digests[shard] = hashers.submit(sha256_bytes, data)
+            try:
+                tensors.update({name: _aligned(tensor) for name, tensor in load(data).items()})
+            except SafetensorError as error:
+                _check_digest(folder / shard, digests.get(shard), sha256s)
+                raise ValueError(f"{folder / shard}: unreadable ({error})") from error
+            del data  # the hasher holds it until its digest is done
+    for shard, digest in digests.items():
+        _check_digest(folder / shard, digest, sha256s)
     if set(tensors) != set(index):
         raise ValueError(f"{folder / INDEX}: lists {len(index)} tensors, the shards hold {len(tensors)}")
     return tensors
+
+
+def _check_digest(path: Path, digest: Future | None, sha256s: dict[str, str] | None) -> None:
+    if digest is not None and digest.result() != sha256s.get(path.name):
+        raise ValueError(f"{path}: sha256 mismatch (truncated or altered file)")
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -8,10 +8,12 @@ import grpc
 import httpx
 from rich.progress import Progress
 
-from service.schema import GenerationRequest
+from service.fronts.grpc_front import FORMATS, message_limits
 from service.fronts.stubs import messages, services
+from service.schema import GenerationRequest
 
-FORMATS = {"png": messages.IMAGE_FORMAT_PNG, "jpeg": messages.IMAGE_FORMAT_JPEG}
+GRPC_FORMATS = {image_format: number for number, image_format in FORMATS.items()}
+MAX_REPLY_MB = 64  # the server's FLUX_GRPC_MAX_SEND_MB default; gRPC's own 4 MB is less than a 2048² PNG
 
 
 class FluxClient:
@@ -21,8 +23,8 @@ class FluxClient:
         self.http = httpx.Client(base_url=url, timeout=timeout_s)
 
     def txt2img(self, request: GenerationRequest) -> bytes:
-        """PNG bytes for one request."""
-        response = self.http.post("/txt2img", json=request.model_dump())
+        """The image's bytes, in the request's format."""
+        response = self.http.post("/txt2img", json=request.model_dump(mode="json"))
         if response.is_error:
             raise httpx.HTTPStatusError(f"{response.status_code}: {response.text}", request=response.request,
                                         response=response)
@@ -32,27 +34,27 @@ class FluxClient:
 class FluxGrpcClient:
     """gRPC (flux.v1.TextToImage): raises grpc.RpcError with the status code and message."""
 
-    def __init__(self, target: str = "127.0.0.1:50051") -> None:
-        self.channel = grpc.insecure_channel(target)
+    def __init__(self, target: str = "127.0.0.1:50051", max_reply_mb: int = MAX_REPLY_MB) -> None:
+        self.channel = grpc.insecure_channel(target, options=message_limits(4, max_reply_mb))
         self.stub = services.TextToImageStub(self.channel)
 
     @staticmethod
-    def message(request: GenerationRequest, image_format: str = "png"):
-        return messages.GenerateRequest(**request.model_dump(), format=FORMATS[image_format])
+    def message(request: GenerationRequest):
+        fields = request.model_dump(exclude={"format"})
+        return messages.GenerateRequest(**fields, format=GRPC_FORMATS[request.format])
 
-    def generate(self, request: GenerationRequest, image_format: str = "png", timeout_s: float | None = None):
-        return self.stub.Generate(self.message(request, image_format), timeout=timeout_s)
+    def generate(self, request: GenerationRequest, timeout_s: float | None = None):
+        return self.stub.Generate(self.message(request), timeout=timeout_s)
 
-    def generate_stream(self, request: GenerationRequest, image_format: str = "png",
-                        timeout_s: float | None = None) -> Iterator:
+    def generate_stream(self, request: GenerationRequest, timeout_s: float | None = None) -> Iterator:
         """Progress events, then one event holding the result."""
-        return self.stub.GenerateStream(self.message(request, image_format), timeout=timeout_s)
+        return self.stub.GenerateStream(self.message(request), timeout=timeout_s)
 
 
-def stream_with_progress_bar(client: FluxGrpcClient, request: GenerationRequest, image_format: str) -> bytes:
+def stream_with_progress_bar(client: FluxGrpcClient, request: GenerationRequest) -> bytes:
     with Progress(transient=True) as progress:
         task = progress.add_task("denoising", total=request.steps)
-        for event in client.generate_stream(request, image_format):
+        for event in client.generate_stream(request):
             if event.HasField("progress"):
                 progress.update(task, completed=event.progress.step)
             else:
@@ -67,7 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", default="http://127.0.0.1:3000", help="HTTP base URL")
     parser.add_argument("--grpc", action="store_true", help="use gRPC (streaming, with a progress bar)")
     parser.add_argument("--target", default="127.0.0.1:50051", help="gRPC host:port")
-    parser.add_argument("--format", choices=sorted(FORMATS), default="png", help="gRPC only")
     for name, field in GenerationRequest.model_fields.items():
         if name != "prompt":
             parser.add_argument(f"--{name}", type=field.annotation, default=field.default, help=field.description)
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     request = GenerationRequest(**{name: getattr(args, name) for name in GenerationRequest.model_fields})
     if args.grpc:
-        image = stream_with_progress_bar(FluxGrpcClient(args.target), request, args.format)
+        image = stream_with_progress_bar(FluxGrpcClient(args.target), request)
     else:
         image = FluxClient(args.url).txt2img(request)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,7 @@
 """Observability shared by fronts and worker: Prometheus metrics, and a request id in every log line."""
 
 import logging
-import time
 import uuid
-from contextlib import contextmanager
 from contextvars import ContextVar
 
 import bentoml
@@ -22,6 +20,9 @@ REFUSALS = bentoml.metrics.Counter(name="flux_refusals", documentation="Requests
                                    labelnames=["reason"])
 CANCELLATIONS = bentoml.metrics.Counter(name="flux_cancellations", documentation="Requests whose caller left, by "
                                         "where the worker dropped them", labelnames=["stage"])
+STEPS_AFTER_CANCEL = bentoml.metrics.Histogram(
+    name="flux_steps_after_cancel", documentation="Denoising steps a batch ran after its last caller left",
+    buckets=(0, 1, 2, 3, 5, 10, 20, 50, 100))
 OOM_SPLITS = bentoml.metrics.Counter(name="flux_oom_splits", documentation="Batches split after running out of memory")
 PROMPT_CACHE = bentoml.metrics.Counter(name="flux_prompt_cache", documentation="Prompt-embedding cache lookups",
                                        labelnames=["result"])
@@ -37,16 +38,6 @@ def new_request_id(offered: str | None = None) -> str:
     if offered and len(offered) <= 128 and offered.isprintable():
         return offered
     return uuid.uuid4().hex
-
-
-@contextmanager
-def timed(stage: str, bucket: int, per: int = 1):
-    """Observe the block's duration for `stage`, once per `per` requests it served."""
-    started = time.perf_counter()
-    yield
-    elapsed = time.perf_counter() - started
-    for _ in range(per):
-        STAGE_SECONDS.labels(stage=stage, bucket=str(bucket)).observe(elapsed)
 
 
 class _RequestIdFilter(logging.Filter):

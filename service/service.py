@@ -3,6 +3,8 @@ it over HTTP and gRPC. Nothing heavy happens at import: the artifact is read and
 the worker starts."""
 
 import asyncio
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Annotated
@@ -21,6 +23,7 @@ from service.runtime.placement import Placement, PlanError, plan_placement
 from service.runtime.prompts import PromptCache
 from service.runtime.render import Renderer
 from service.runtime.result import Result
+from service.runtime.turns import DeviceTurns
 from service.schema import GenerationRequest, Limits, WorkItem
 from service.settings import RESOLUTION_BUCKETS, settings
 
@@ -37,17 +40,27 @@ def artifact_reference(tag: str) -> bentoml.models.BentoModel:
     return reference
 
 
+def stop_server(message: str) -> None:
+    """A configuration the worker cannot serve: stop the whole server (BentoML would restart the worker
+    forever), with the reason in the log."""
+    logger.critical(message)
+    os.kill(os.getppid(), signal.SIGTERM)  # the arbiter: it stops every process of this server
+    raise SystemExit(message)
+
+
 def bucket_api(resolution: int):
     """The batching queue for requests whose larger side is at most `resolution` (and above the last)."""
     def generate(self, items: list[WorkItem]) -> list[Result]:
-        BATCHES.labels(protocols="+".join(sorted({item.protocol for item in items}))).inc()
-        return self.renderer.render(items)
+        with self.turns.turn(resolution):
+            BATCHES.labels(protocols="+".join(sorted({item.protocol for item in items}))).inc()
+            return self.renderer.render(items)
     generate.__name__ = generate.__qualname__ = f"generate_{resolution}"
     return bentoml.api(generate, batchable=True, max_batch_size=SETTINGS.max_batch_size,
                        max_latency_ms=SETTINGS.latency_ms(resolution))
 
 
-@bentoml.service(traffic={"timeout": 900})
+# A thread per bucket's queue, so a waiting batch can be chosen by DeviceTurns (one runs at a time).
+@bentoml.service(traffic={"timeout": 900}, threads=len(RESOLUTION_BUCKETS))
 class FluxWorker:
     """Loads one artifact, plans its placement, warms up, then renders batches."""
 
@@ -60,12 +73,13 @@ class FluxWorker:
         try:
             self.plan = plan_placement(weights, budget, SETTINGS.max_resolution, SETTINGS.max_batch_size)
         except PlanError as error:
-            raise SystemExit(f"{self.artifact.tag}: {error}") from None
+            stop_server(f"{self.artifact.tag}: {error}")
         logger.info("placement for %s: %s", self.artifact.tag, self.plan.describe())
         hold_to_budget(self.device, budget)
         self.cache = PromptCache(self.manifest.hash_of("text_encoder", "text_encoder_2"),
                                  SETTINGS.prompt_cache_mb * 1024**2)
         self.board = Board()
+        self.turns = DeviceTurns({bucket: SETTINGS.latency_ms(bucket) / 1000 for bucket in RESOLUTION_BUCKETS})
         self.renderer = Renderer(pipe, Placement(self.plan, self.device), self.cache, self.board)
         side = min(SETTINGS.warmup_size, SETTINGS.max_resolution)
         self.renderer.render([WorkItem(prompt="warm-up", width=side, height=side, steps=SETTINGS.warmup_steps)])
@@ -99,11 +113,11 @@ class FluxWorker:
                 **self.manifest.model_dump(exclude={"files"})}
 
 
-def http_answer(outcome: str, message: str, rid: str, field: str | None = None) -> JSONResponse:
+def http_answer(ctx: bentoml.Context, outcome: str, message: str, rid: str, field: str | None = None) -> JSONResponse:
     """A failure in the shape of BentoML's validation errors, so one client parser reads both."""
+    ctx.response.status_code = http_status(outcome)  # BentoML sets the response's status from the context
     detail = [{"loc": [field] if field else [], "msg": message, "type": outcome}]
-    return JSONResponse({"error": message, "outcome": outcome, "detail": detail}, status_code=http_status(outcome),
-                        headers={REQUEST_ID_HEADER: rid})
+    return JSONResponse({"error": message, "outcome": outcome, "detail": detail}, headers={REQUEST_ID_HEADER: rid})
 
 
 @bentoml.service(traffic={"timeout": 900, "max_concurrency": SETTINGS.max_in_flight})
@@ -135,9 +149,9 @@ class Flux:
         try:
             result = await self.gateway.render(item, caller_left=ctx.request.is_disconnected)
         except Rejected as error:
-            return http_answer(error.outcome, error.message, rid, error.field)
+            return http_answer(ctx, error.outcome, error.message, rid, error.field)
         if not result.ok:
-            return http_answer(result.status, result.message, rid)
+            return http_answer(ctx, result.status, result.message, rid)
         return Response(result.image, media_type=result.media_type, headers={REQUEST_ID_HEADER: rid})
 
     @bentoml.api(route="/info")

@@ -8,10 +8,10 @@ from bench.report import LevelResult, batch_histogram, batches_between, percenti
 from tests.conftest import free_port, run_module
 
 METRICS = """# HELP bentoml_service_adaptive_batch_size Batch size
-bentoml_service_adaptive_batch_size_bucket{le="1.0",method_name="generate",runner_name="FluxWorker",worker_index="1"} %d
-bentoml_service_adaptive_batch_size_bucket{le="2.0",method_name="generate",runner_name="FluxWorker",worker_index="1"} %d
-bentoml_service_adaptive_batch_size_bucket{le="4.0",method_name="generate",runner_name="FluxWorker",worker_index="1"} %d
-bentoml_service_adaptive_batch_size_bucket{le="+Inf",method_name="generate",runner_name="FluxWorker",worker_index="1"} %d
+bentoml_service_adaptive_batch_size_bucket{le="1.0",method_name="generate_512",runner_name="FluxWorker",worker_index="1"} %d
+bentoml_service_adaptive_batch_size_bucket{le="2.0",method_name="generate_512",runner_name="FluxWorker",worker_index="1"} %d
+bentoml_service_adaptive_batch_size_bucket{le="4.0",method_name="generate_512",runner_name="FluxWorker",worker_index="1"} %d
+bentoml_service_adaptive_batch_size_bucket{le="+Inf",method_name="generate_512",runner_name="FluxWorker",worker_index="1"} %d
 """
 
 

@@ -1,16 +1,20 @@
 """Fitting 16 GB: the placement planner, the prompt-embedding cache, out-of-memory splitting."""
 
+import gc
+import weakref
+
 import bentoml
 import pytest
 import torch
 
 from models.artifact import load_pipeline
-from models.sizes import bytes_per_weight, expected_bytes
-from models.sizes import GIB
+from models.sizes import GIB, bytes_per_weight, expected_bytes
 from service.launcher import serve_command
 from service.runtime.placement import SAFETY_MARGIN, STRATEGIES, Placement, Plan, PlanError, plan_placement
+from service.runtime import placement as placement_module
 from service.runtime.prompts import PromptCache
-from service.runtime.render import OUT_OF_MEMORY, Renderer
+from service.runtime.render import Renderer
+from service.runtime.result import Status
 from service.schema import WorkItem
 from tests.conftest import free_port, run_module
 
@@ -61,10 +65,11 @@ def test_a_configuration_that_cannot_fit_is_refused():
         plan_placement(flux_dev_weights("int8"), 4 * GIB, 2048, 1)
 
 
-def test_the_service_refuses_to_start_when_the_plan_does_not_fit(tiny_int8_tag):
-    result = run_module(*serve_command(free_port())[2:], env={"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GPU_MEMORY_GB": "0.5"})
-    assert result.returncode != 0
-    assert f"{tiny_int8_tag}: 0.5 GiB cannot render 2048²" in result.stderr
+def test_the_service_stops_when_the_plan_does_not_fit(tiny_int8_tag):
+    """The worker plans at start-up (not at import) and stops the whole server, naming the reason."""
+    result = run_module(*serve_command(free_port())[2:], env={"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GPU_MEMORY_GB": "0.5",
+                                                              "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}"})
+    assert f"[CRITICAL] [:1] {tiny_int8_tag}: 0.5 GiB cannot render 2048²" in result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +97,12 @@ def test_prompt_cache_hit_skips_both_encoders_and_gives_the_same_image(tiny_pipe
     renderer = Renderer(tiny_pipe, Placement.resident(torch.device("cpu")), cache)
     t5_calls = count_calls(tiny_pipe, "_get_t5_prompt_embeds", monkeypatch)
     clip_calls = count_calls(tiny_pipe, "_get_clip_prompt_embeds", monkeypatch)
-    first = renderer.render(requests("a red fox", "a blue jay"))
+    first = images(renderer.render(requests("a red fox", "a blue jay")))
     assert (len(t5_calls), len(clip_calls), cache.misses) == (1, 1, 2)
-    again = renderer.render(requests("a red fox", "a blue jay"))
+    again = images(renderer.render(requests("a red fox", "a blue jay")))
     assert (len(t5_calls), len(clip_calls), cache.hits) == (1, 1, 2)
-    uncached = Renderer(tiny_pipe, Placement.resident(torch.device("cpu"))).render(requests("a red fox", "a blue jay"))
+    uncached = images(Renderer(tiny_pipe, Placement.resident(torch.device("cpu"))).render(requests("a red fox",
+                                                                                                   "a blue jay")))
     assert first == again == uncached
 
 
@@ -109,14 +115,22 @@ def test_prompt_cache_stays_within_its_byte_limit(tiny_pipe):
 
 
 class OutOfMemoryAbove:
-    """A pipeline that runs out of memory above `limit` images per call, as a small GPU would."""
+    """A pipeline that runs out of memory above `limit` images per call, as a small GPU would: each failing
+    attempt first allocates activations, held by its frame, like a real forward pass."""
 
     def __init__(self, pipe, limit: int) -> None:
         self.pipe, self.limit, self.batches = pipe, limit, []
+        self.activations: list[weakref.ref] = []  # of every failed attempt's tensor
+        self.alive_at_retry: list[bool] = []  # was the previous failed attempt's tensor still alive at each retry?
 
     def __call__(self, **kwargs):
+        if self.activations:
+            gc.collect()  # only what is unreachable goes; a tensor held by a live traceback stays
+            self.alive_at_retry.append(self.activations[-1]() is not None)
         self.batches.append(len(kwargs["prompt_embeds"]))
         if len(kwargs["prompt_embeds"]) > self.limit:
+            activations = torch.empty(len(kwargs["prompt_embeds"]), 1 << 20)  # 4 MiB per image
+            self.activations.append(weakref.ref(activations))
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return self.pipe(**kwargs)
 
@@ -124,23 +138,78 @@ class OutOfMemoryAbove:
         return getattr(self.pipe, name)
 
 
+def images(results) -> list[bytes]:
+    return [result.image for result in results]
+
+
 def test_out_of_memory_splits_the_batch_and_still_gives_the_same_images(tiny_pipe):
     expected = Renderer(tiny_pipe, Placement.resident(torch.device("cpu"))).render(requests(*"abcde"))
     flaky = OutOfMemoryAbove(tiny_pipe, limit=2)
     renderer = Renderer(flaky, Placement.resident(torch.device("cpu")))
-    assert renderer.render(requests(*"abcde")) == expected
+    assert images(renderer.render(requests(*"abcde"))) == images(expected)
     assert flaky.batches == [5, 2, 3, 1, 2]  # 5 fails; halves 2 and 3; 3 fails; halves 1 and 2
 
 
-def test_what_fails_alone_is_reported_and_the_renderer_keeps_working(tiny_pipe):
+def test_a_failed_attempts_tensors_are_freed_before_the_retry(tiny_pipe):
+    """Recovery runs outside the except clause: the traceback no longer pins the failed attempt's frames."""
+    flaky = OutOfMemoryAbove(tiny_pipe, limit=1)
+    Renderer(flaky, Placement.resident(torch.device("cpu"))).render(requests(*"abcd"))
+    assert flaky.alive_at_retry and not any(flaky.alive_at_retry), flaky.alive_at_retry
+
+
+def test_what_fails_alone_is_does_not_fit_and_the_renderer_keeps_working(tiny_pipe):
     renderer = Renderer(OutOfMemoryAbove(tiny_pipe, limit=0), Placement.resident(torch.device("cpu")))
-    assert renderer.render(requests("too big", "also")) == [OUT_OF_MEMORY, OUT_OF_MEMORY]
+    results = renderer.render(requests("too big", "also"))
+    assert [r.status for r in results] == [Status.does_not_fit] * 2
+    assert "does not fit in device memory even alone" in results[0].message
     renderer.pipe.limit = 8
-    assert renderer.render(requests("fits"))[0][:4] == b"\x89PNG"
+    assert renderer.render(requests("fits"))[0].image[:4] == b"\x89PNG"
+
+
+def test_cancelled_and_out_of_memory_are_different_outcomes(tiny_pipe):
+    renderer = Renderer(OutOfMemoryAbove(tiny_pipe, limit=1), Placement.resident(torch.device("cpu")))
+    items = requests("left", "stays", "too")
+    for index, item in enumerate(items):
+        item.request_id = f"r{index}"
+    renderer.board.cancel("r0")
+    renderer.pipe.limit = 0
+    assert [r.status for r in renderer.render(items)] == [Status.cancelled, Status.does_not_fit, Status.does_not_fit]
+
+
+def test_a_full_prompt_cache_hit_moves_nothing(tiny_pipe, monkeypatch):
+    """take-turns moves T5 in and the transformer out to encode; with every prompt cached it must not."""
+    moves = []
+    monkeypatch.setattr(placement_module, "move", lambda module, device: moves.append(type(module).__name__))
+    plan = Plan("take-turns", budget_bytes=16 * GIB, vae_tiling_above=None, max_batch={512: 4})
+    renderer = Renderer(tiny_pipe, Placement(plan, torch.device("cpu")), PromptCache("tiny", 1 << 30))
+    moves.clear()  # the initial placement
+    renderer.render(requests("a fox", "a jay"))
+    assert moves == ["FluxTransformer2DModel", "T5EncoderModel", "T5EncoderModel", "FluxTransformer2DModel"]
+    moves.clear()
+    renderer.render(requests("a jay", "a fox"))
+    assert moves == []
+
+
+def test_int8_bitsandbytes_state_follows_an_explicit_move(tiny_tag):
+    """LLM.int8() keeps its int8 weights in `layer.state` after the first forward; a parent's .to() leaves
+    them behind. On a CPU the move cpu -> meta shows it (on a GPU, cuda -> cpu is the move that matters)."""
+    import bitsandbytes as bnb
+
+    pipe, _ = load_pipeline(bentoml.models.get(tiny_tag("int8-bnb")).path)
+    t5 = pipe.text_encoder_2
+    t5(torch.ones(1, 8, dtype=torch.long))  # first forward: CB/SCB move into layer.state
+    layers = [m for m in t5.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert layers and all(layer.state.CB is not None for layer in layers)
+    t5.to("meta")
+    assert {layer.state.CB.device.type for layer in layers} == {"cpu"}  # what a parent's .to() leaves behind
+    placement_module.move(t5, torch.device("meta"))
+    assert {layer.state.CB.device.type for layer in layers} == {"meta"}
+    assert {layer.state.SCB.device.type for layer in layers} == {"meta"}
 
 
 @pytest.mark.parametrize("strategy", ["t5-on-demand", "take-turns", "sequential-offload"])
 def test_images_are_identical_whatever_the_placement(tiny_pipe, strategy):
     resident = Renderer(tiny_pipe, Placement.resident(torch.device("cpu"))).render(requests("a fox", "a jay"))
     plan = Plan(strategy, budget_bytes=16 * GIB, vae_tiling_above=None, max_batch={512: 1})
-    assert Renderer(tiny_pipe, Placement(plan, torch.device("cpu"))).render(requests("a fox", "a jay")) == resident
+    placed = Renderer(tiny_pipe, Placement(plan, torch.device("cpu"))).render(requests("a fox", "a jay"))
+    assert images(placed) == images(resident)

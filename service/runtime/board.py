@@ -8,7 +8,7 @@ MAX_REMEMBERED = 10_000  # cancellations of requests that already finished are f
 class Board:
     def __init__(self) -> None:
         self.steps_done: dict[str, int] = {}
-        self.cancelled: OrderedDict[str, None] = OrderedDict()
+        self.cancelled: OrderedDict[str, int] = OrderedDict()  # request id -> steps it had done when cancelled
 
     def start(self, request_ids: list[str]) -> None:
         self.steps_done.update({rid: 0 for rid in request_ids if rid})
@@ -22,12 +22,16 @@ class Board:
             self.cancelled.pop(rid, None)
 
     def cancel(self, request_id: str) -> None:
-        self.cancelled[request_id] = None
+        self.cancelled[request_id] = self.steps_done.get(request_id, 0)
         while len(self.cancelled) > MAX_REMEMBERED:
             self.cancelled.popitem(last=False)
 
     def is_cancelled(self, request_id: str) -> bool:
         return bool(request_id) and request_id in self.cancelled
+
+    def steps_after_cancel(self, request_ids: list[str], steps: int) -> int:
+        """Steps run since the last of these (cancelled) requests was cancelled."""
+        return steps - max(self.cancelled[rid] for rid in request_ids)
 
     def progress(self, request_id: str) -> int:
         """Steps done, or -1 for a request that is queued, finished or unknown."""

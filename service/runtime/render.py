@@ -13,7 +13,8 @@ import torch
 from diffusers import FluxPipeline
 
 from models.architecture import decode_in_float32
-from service.observe import CANCELLATIONS, OOM_SPLITS, PROMPT_CACHE, STAGE_SECONDS, logger, request_id
+from service.observe import (CANCELLATIONS, OOM_SPLITS, PROMPT_CACHE, STAGE_SECONDS, STEPS_AFTER_CANCEL, logger,
+                             request_id)
 from service.runtime.board import Board
 from service.runtime.imaging import MEDIA_TYPES, encode_image
 from service.runtime.placement import Placement
@@ -81,6 +82,8 @@ class Renderer:
                 else:
                     OOM_SPLITS.inc()
                     pending[:0] = [group[:len(group) // 2], group[len(group) // 2:]]
+        for item, result in zip(items, results):
+            log_outcome(item, result)
         return results
 
     def _left(self, item: WorkItem, stage: str) -> Result | None:
@@ -143,11 +146,18 @@ class Renderer:
 
         def on_step_end(pipe: FluxPipeline, step: int, timestep, callback_kwargs: dict) -> dict:
             self.board.report(ids, step + 1)
-            if all(self.board.is_cancelled(item.request_id) or item.deadline and time.time() > item.deadline
-                   for item in group):
-                pipe._interrupt = True  # diffusers' documented way to stop a running pipeline
+            if pipe.interrupt or not all(self._gone(item) for item in group):
+                return callback_kwargs
+            pipe._interrupt = True  # diffusers' documented way to stop a running pipeline
+            cancelled = [rid for rid in ids if self.board.is_cancelled(rid)]
+            if len(cancelled) == len(ids):
+                STEPS_AFTER_CANCEL.observe(self.board.steps_after_cancel(cancelled, step + 1))
+            logger.info("stopped at step %d of %d: nobody waits for %s", step + 1, pipe.num_timesteps, ids)
             return callback_kwargs
         return on_step_end
+
+    def _gone(self, item: WorkItem) -> bool:
+        return self.board.is_cancelled(item.request_id) or (item.deadline is not None and time.time() > item.deadline)
 
     def _finish(self, item: WorkItem, latents: torch.Tensor, clock: Stopwatch) -> Result:
         """Decode and encode one image, unless its caller has left."""
@@ -174,6 +184,13 @@ class Renderer:
         latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
         image = vae.decode(latents.to(vae.device), return_dict=False)[0]
         return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
+def log_outcome(item: WorkItem, result: Result) -> None:
+    token = request_id.set(item.request_id)
+    logger.info("%dx%d, %d steps: %s %s", item.width, item.height, item.steps, result.status,
+                result.message or {stage: round(ms, 1) for stage, ms in result.timings_ms.items()})
+    request_id.reset(token)
 
 
 def results_for(results: list, indices: list[int], rendered: list[Result]) -> None:
