@@ -109,3 +109,11 @@ def single_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("single") / "flux1-medium.safetensors"
     save_file(tensors, path)
     return path
+
+
+def private_home(folder: Path) -> dict[str, str]:
+    """A BentoML home of the server's own (its Prometheus files live there: shared, servers' metrics mix)
+    that sees the session's model store."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "models").symlink_to(Path(os.environ["BENTOML_HOME"]) / "models")
+    return {"BENTOML_HOME": str(folder)}

@@ -2,6 +2,7 @@
 
 import io
 import re
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ from service.client import FluxClient, FluxGrpcClient
 from service.launcher import running_server, start_server, stop, wait_ready
 from service.schema import GenerationRequest
 from service.fronts.stubs import SERVICE_NAME, messages
-from tests.conftest import free_port
+from tests.conftest import free_port, private_home
 
 SMALL = dict(width=128, height=128, steps=2)
 
@@ -24,8 +25,9 @@ SMALL = dict(width=128, height=128, steps=2)
 @pytest.fixture(scope="module")
 def servers(tiny_int8_tag, tmp_path_factory):
     grpc_target = f"127.0.0.1:{free_port()}"
-    log = tmp_path_factory.mktemp("grpc") / "server.log"
-    with running_server(free_port(), log, env={"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GRPC_ADDRESS": grpc_target}) as url:
+    folder = tmp_path_factory.mktemp("grpc")
+    env = {"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GRPC_ADDRESS": grpc_target, **private_home(folder / "home")}
+    with running_server(free_port(), folder / "server.log", env=env) as url:
         yield url, grpc_target
 
 
@@ -42,7 +44,7 @@ def test_same_seed_same_bytes_over_http_and_grpc(servers):
 
 
 def test_jpeg_output(servers):
-    reply = FluxGrpcClient(servers[1]).generate(GenerationRequest(prompt="a fox", **SMALL), image_format="jpeg")
+    reply = FluxGrpcClient(servers[1]).generate(GenerationRequest(prompt="a fox", format="jpeg", **SMALL))
     assert reply.mime_type == "image/jpeg" and Image.open(io.BytesIO(reply.image)).format == "JPEG"
 
 
@@ -158,3 +160,83 @@ def test_deadline_exceeded_and_the_abandoned_work_is_stopped(slow_server):
     started = time.monotonic()
     rpc.generate(GenerationRequest(prompt="next", **SMALL))
     assert time.monotonic() - started < full_run_s / 2, "the abandoned call kept the worker busy"
+
+
+def steps_after_cancel(url: str) -> tuple[float, float]:
+    """(calls stopped because every caller left, of which within one step) from the worker's histogram."""
+    text = httpx.get(f"{url}/metrics").text
+    count = re.search(r"^flux_steps_after_cancel_count (\S+)", text, re.M)
+    within_one = re.search(r'^flux_steps_after_cancel_bucket\{le="1.0"\} (\S+)', text, re.M)
+    return (float(count.group(1)), float(within_one.group(1))) if count else (0.0, 0.0)
+
+
+def test_cancelling_a_stream_stops_the_render_within_a_step(servers):
+    url, target = servers
+    before = steps_after_cancel(url)
+    stream = FluxGrpcClient(target).generate_stream(GenerationRequest(prompt="abandoned", width=1024, height=1024,
+                                                                      steps=60))
+    first = next(stream)
+    assert first.HasField("progress")
+    stream.cancel()
+    deadline = time.monotonic() + 10
+    while steps_after_cancel(url) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert steps_after_cancel(url) == (before[0] + 1, before[1] + 1)
+    started = time.monotonic()
+    FluxGrpcClient(target).generate(GenerationRequest(prompt="next", **SMALL))
+    assert time.monotonic() - started < 5
+
+
+def test_a_2048_image_fits_the_documented_message_limits(servers):
+    reply = FluxGrpcClient(servers[1]).generate(GenerationRequest(prompt="large", width=2048, height=2048, steps=1))
+    assert len(reply.image) > 4 * 1024 * 1024  # over gRPC's default 4 MB receive limit
+    assert Image.open(io.BytesIO(reply.image)).size == (2048, 2048)
+
+
+def test_unknown_fields_are_invalid_argument(servers):
+    call = grpc.insecure_channel(servers[1]).unary_unary("/flux.v1.TextToImage/Generate")
+    known = messages.GenerateRequest(prompt="fox", width=128, height=128, steps=1).SerializeToString()
+    with pytest.raises(grpc.RpcError) as error:
+        call(known + bytes([0xF8, 0x06, 0x07]))  # field 111, varint 7: not in flux.v1
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown fields (numbers [111])" in error.value.details()
+
+
+def test_the_request_id_comes_back_in_trailing_metadata(servers):
+    _, call = FluxGrpcClient(servers[1]).stub.Generate.with_call(
+        messages.GenerateRequest(prompt="fox", width=128, height=128, steps=1), metadata=(("x-request-id", "grpc-7"),))
+    assert ("x-request-id", "grpc-7") in call.trailing_metadata()
+
+
+def test_a_second_server_cannot_share_the_port(servers):
+    import asyncio
+
+    from service.fronts.gateway import Gateway
+    from service.fronts.grpc_front import GrpcFront
+    from service.settings import Settings
+
+    async def start_second() -> None:
+        await GrpcFront(Gateway(worker=None), Settings(grpc_address=servers[1])).start()
+    with pytest.raises(SystemExit, match=f"FLUX_GRPC_ADDRESS={servers[1]}: cannot listen"):
+        asyncio.run(start_second())
+
+
+def test_shutdown_flips_health_and_lets_the_call_in_flight_finish(tiny_int8_tag, tmp_path):
+    port, target = free_port(), f"127.0.0.1:{free_port()}"
+    process = start_server(port, tmp_path / "server.log", {"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GRPC_ADDRESS": target})
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", process, tmp_path / "server.log", timeout_s=300)
+        statuses = health_pb2_grpc.HealthStub(grpc.insecure_channel(target)).Watch(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        assert next(statuses).status == health_pb2.HealthCheckResponse.SERVING
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(FluxGrpcClient(target).generate,
+                                    GenerationRequest(prompt="finish me", width=1024, height=1024, steps=16))
+            time.sleep(1.5)
+            assert not in_flight.done()
+            process.send_signal(signal.SIGTERM)
+            assert next(statuses).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert Image.open(io.BytesIO(in_flight.result(timeout=120).image)).size == (1024, 1024)
+        assert process.wait(timeout=60) == 0
+    finally:
+        stop(process)

@@ -20,7 +20,7 @@ from service.launcher import start_server, stop, wait_ready
 from service.runtime.placement import Placement
 from service.runtime.render import Renderer
 from service.schema import WorkItem
-from tests.conftest import free_port
+from tests.conftest import free_port, private_home
 
 SMALL = dict(width=128, height=128, steps=2)
 SLOW = dict(width=1024, height=1024)  # about a quarter of a second per step for the tiny model on 2 cores
@@ -28,9 +28,10 @@ SLOW = dict(width=1024, height=1024)  # about a quarter of a second per step for
 
 @pytest.fixture(scope="module")
 def server(tiny_int8_tag, tmp_path_factory):
-    port, log = free_port(), tmp_path_factory.mktemp("lifecycle") / "server.log"
+    folder = tmp_path_factory.mktemp("lifecycle")
+    port, log = free_port(), folder / "server.log"
     env = {"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
-           "FLUX_MAX_RESOLUTION": "1024", "FLUX_LIVENESS_TIMEOUT_S": "2"}
+           "FLUX_MAX_RESOLUTION": "1024", "FLUX_LIVENESS_TIMEOUT_S": "2", **private_home(folder / "home")}
     process = start_server(port, log, env)
     url = f"http://127.0.0.1:{port}"
     try:

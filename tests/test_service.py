@@ -67,8 +67,8 @@ def test_mixed_shapes_in_one_batch_match_single_renders(tiny_int8_tag):
     requests = [WorkItem(prompt="a", seed=1, **SMALL),
                 WorkItem(prompt="b", seed=2, width=64, height=128, steps=2),
                 WorkItem(prompt="c", seed=3, **SMALL)]
-    batched = renderer.render(requests)
-    assert batched == [renderer.render([request])[0] for request in requests]
+    batched = [result.image for result in renderer.render(requests)]
+    assert batched == [renderer.render([request])[0].image for request in requests]
     assert Image.open(io.BytesIO(batched[1])).size == (64, 128)
 
 

@@ -49,6 +49,7 @@ def work_item(request, rid: str, context) -> WorkItem:
 class TextToImage(services.TextToImageServicer):
     def __init__(self, gateway: Gateway, max_in_flight: int) -> None:
         self.gateway, self.max_in_flight, self.in_flight = gateway, max_in_flight, 0
+        self.draining = False  # set at shutdown: new calls are refused, calls in flight finish
 
     async def Generate(self, request, context):
         started, item = time.perf_counter(), await self._admit(request, context)
@@ -73,6 +74,8 @@ class TextToImage(services.TextToImageServicer):
         rid = new_request_id(dict(context.invocation_metadata()).get(REQUEST_ID_HEADER))
         context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
         try:
+            if self.draining:
+                raise Rejected("loading", "the server is shutting down")
             if self.in_flight >= self.max_in_flight:
                 raise Rejected("overloaded", f"over {self.max_in_flight} calls in flight")
             return work_item(request, rid, context)
@@ -104,7 +107,8 @@ class GrpcFront:
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
                                                *message_limits(settings.grpc_max_send_mb, settings.grpc_max_receive_mb)])
         self.health = health.aio.HealthServicer()
-        services.add_TextToImageServicer_to_server(TextToImage(gateway, settings.max_in_flight), self.server)
+        self.servicer = TextToImage(gateway, settings.max_in_flight)
+        services.add_TextToImageServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.gateway, self.readiness = gateway, None
@@ -124,10 +128,15 @@ class GrpcFront:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self) -> None:
-        """NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period."""
+        """NOT_SERVING, refuse new calls, let calls in flight finish within the grace period, then stop
+        (health Watch streams never end by themselves: waiting for them would always use the whole grace)."""
         self.readiness.cancel()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace=self.settings.shutdown_grace_s)
+        self.servicer.draining = True
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        while self.servicer.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await self.server.stop(grace=1)
 
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
