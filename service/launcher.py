@@ -41,10 +41,12 @@ def serve_command(port: int, target: str = "service.service:Flux") -> list[str]:
     return [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
 
 
-def start_server(port: int, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Launch `bentoml serve` in its own process group, logging to `log`; does not wait for readiness."""
+def start_server(port: int, log: Path, env: dict[str, str] | None = None,
+                 target: str = "service.service:Flux") -> subprocess.Popen:
+    """Launch `bentoml serve` (of the source, or of a built Bento's tag) in its own process group, logging to
+    `log`; does not wait for readiness."""
     with log.open("wb") as log_stream:
-        return subprocess.Popen(serve_command(port), cwd=REPO, env={**os.environ, **(env or {})}, stdout=log_stream,
+        return subprocess.Popen(serve_command(port, target), cwd=REPO, env={**os.environ, **(env or {})}, stdout=log_stream,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 

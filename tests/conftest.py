@@ -113,7 +113,9 @@ def single_file(tmp_path_factory) -> Path:
 
 def private_home(folder: Path) -> dict[str, str]:
     """A BentoML home of the server's own (its Prometheus files live there: shared, servers' metrics mix)
-    that sees the session's model store."""
+    that sees the session's model and Bento stores."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "models").symlink_to(Path(os.environ["BENTOML_HOME"]) / "models")
+    for store in ("models", "bentos"):
+        (Path(os.environ["BENTOML_HOME"]) / store).mkdir(parents=True, exist_ok=True)
+        (folder / store).symlink_to(Path(os.environ["BENTOML_HOME"]) / store)
     return {"BENTOML_HOME": str(folder)}

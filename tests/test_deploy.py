@@ -2,6 +2,9 @@
 
 import json
 import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 import shlex
 import subprocess
 import sys
@@ -13,9 +16,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service import settings as flux_service
-from service.launcher import REPO, running_server
-from tests.conftest import free_port, run_module
+from service.client import FluxGrpcClient
+from service.launcher import REPO, running_server, start_server, stop, wait_ready
+from service.schema import GenerationRequest
+from service.settings import Settings
+from tests.conftest import free_port, private_home, run_module
 
 OVERLAYS = ["baked", "artifact-from-s3"]
 K8S_VERSION = "1.30.0"
@@ -57,9 +62,9 @@ def test_manifests_match_the_service(overlay):
     main = container(objects)
     ports = {port["name"]: port["containerPort"] for port in main["ports"]}
     assert ports["http"] == 3000  # `bentoml serve`'s port in the Bento image
-    assert env(main)[flux_service.ARTIFACT_ENV]  # the variable the service reads
+    assert env(main)["FLUX_ARTIFACT"]  # the variable the service reads
     assert env(main)["FLUX_GRPC_ADDRESS"].endswith(f":{ports['grpc']}")
-    assert flux_service.GRPC_ADDRESS.endswith(f":{ports['grpc']}")  # the service's own default
+    assert Settings.model_fields["grpc_address"].default.endswith(f":{ports['grpc']}")  # the service's own default
     assert main["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert main["securityContext"]["readOnlyRootFilesystem"] is True
     pod = by_kind(objects, "Deployment")["spec"]["template"]["spec"]
@@ -148,3 +153,41 @@ def test_gpu_bento_build_context(tiny_int8_tag, tmp_path, mode):
     assert bento["labels"]["recipe"] == "int8" and bento["labels"]["artifact"] == tiny_int8_tag
     has_model = any(name.startswith("models/flux-tiny-int8/") for name in names)
     assert has_model == (mode == "baked")
+
+
+def evaluate_sum(query: str, metrics_text: str) -> float:
+    """`sum(name)` or `sum(name{label="value",...})` over one scrape: what Prometheus would answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = re.fullmatch(r'sum\((\w+)(?:\{(.*)\})?\)', query.strip())
+    assert found, f"the check reads sum(metric{{labels}}) queries only: {query}"
+    name, matchers = found.group(1), dict(re.findall(r'(\w+)="([^"]*)"', found.group(2) or ""))
+    samples = [sample for family in text_string_to_metric_families(metrics_text) for sample in family.samples
+               if sample.name == name and matchers.items() <= sample.labels.items()]
+    assert samples, f"{name} with {matchers} is not on /metrics"
+    return sum(sample.value for sample in samples)
+
+
+def test_the_autoscaling_query_counts_each_request_once_on_a_built_bento(tiny_int8_tag, tmp_path):
+    built = run_module("bentoml", "build", env={"FLUX_ARTIFACT": tiny_int8_tag})
+    assert built.returncode == 0, built.stderr[-2000:]
+    bento = re.search(r'Successfully built Bento\(tag="([^"]+)"\)', built.stdout + built.stderr).group(1)
+    query = by_kind(render("baked"), "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
+    port, target = free_port(), f"127.0.0.1:{free_port()}"
+    env = {"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GRPC_ADDRESS": target, **private_home(tmp_path / "home")}
+    process = start_server(port, tmp_path / "server.log", env, target=bento)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, tmp_path / "server.log", timeout_s=300)
+        assert evaluate_sum(query, httpx.get(f"{url}/metrics").text) == 0
+        slow = dict(prompt="in flight", width=1024, height=1024, steps=24)
+        with ThreadPoolExecutor(2) as pool:
+            calls = [pool.submit(httpx.post, f"{url}/txt2img", json=slow, timeout=300),
+                     pool.submit(FluxGrpcClient(target).generate, GenerationRequest(**slow))]
+            time.sleep(2.0)
+            assert not any(call.done() for call in calls)
+            assert evaluate_sum(query, httpx.get(f"{url}/metrics").text) == 2  # one HTTP + one gRPC
+            assert calls[0].result().status_code == 200 and calls[1].result().image
+        assert evaluate_sum(query, httpx.get(f"{url}/metrics").text) == 0
+    finally:
+        stop(process)

@@ -1,0 +1,71 @@
+"""One settings object, validated once; nothing heavy at import; the worker called at most once more, only when
+the request was never sent."""
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from service.fronts.remote import call_worker
+from service.settings import Settings, settings
+from tests.conftest import REPO
+
+NOTHING_HEAVY_AT_IMPORT = """
+import models.artifact, torch
+def refuse(*args, **kwargs):
+    raise AssertionError("read at import")
+models.artifact.read_manifest = models.artifact.load_pipeline = refuse
+torch.cuda.is_available = torch.cuda.get_device_properties = refuse
+import service.service
+print("imported", [name for name in service.service.FluxWorker.apis if name.startswith("generate_")])
+"""
+
+
+def test_importing_the_service_reads_no_manifest_and_queries_no_gpu(tiny_int8_tag):
+    result = subprocess.run([sys.executable, "-c", NOTHING_HEAVY_AT_IMPORT], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "FLUX_ARTIFACT": tiny_int8_tag}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "imported ['generate_1024'" in result.stdout
+
+
+def test_a_bad_setting_is_named(monkeypatch):
+    monkeypatch.setenv("FLUX_MAX_BATCH_SIZE", "many")
+    settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit, match="FLUX_MAX_BATCH_SIZE: Input should be a valid integer"):
+            settings()
+    finally:
+        settings.cache_clear()
+
+
+def test_per_bucket_latency_from_a_json_mapping(monkeypatch):
+    monkeypatch.setenv("FLUX_MAX_LATENCY_MS", '{"512": 1000, "2048": 9000}')
+    assert (Settings().latency_ms(512), Settings().latency_ms(1024)) == (1000, 9000)
+
+
+class Worker:
+    """A worker method that fails the first time with `error`, then answers."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error, self.calls = error, 0
+
+    async def generate(self) -> str:
+        self.calls += 1
+        if self.calls == 1:
+            raise self.error
+        return "image"
+
+
+def test_a_connection_that_was_never_made_is_retried_once():
+    worker = Worker(httpx.ConnectError("refused"))
+    assert asyncio.run(call_worker(worker.generate)) == "image" and worker.calls == 2
+
+
+def test_a_request_the_worker_may_have_read_is_never_sent_twice():
+    worker = Worker(httpx.RemoteProtocolError("Server disconnected without sending a response."))
+    with pytest.raises(httpx.RemoteProtocolError):
+        asyncio.run(call_worker(worker.generate))
+    assert worker.calls == 1
