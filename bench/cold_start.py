@@ -1,54 +1,80 @@
-"""`python -m bench.cold_start SOURCE TAG`: process start → model ready, artifact vs bf16 + quantize at start-up.
+"""`python -m bench.cold_start FOLDER...`: artifact load time over the time to read its bytes once.
 
-Each path runs in a fresh Python process, timed from launch to a ready pipeline; the server path is
-timed from `bentoml serve` launch to a 200 on /readyz (load, sha256 check and warm-up included).
+FOLDER is an artifact (manifest.json: the whole pipeline is loaded) or one component folder of shards (the
+full-size transformer `python -m bench.streaming --keep` writes; its sha256s are computed first, untimed).
+For each: `cat` of every file to /dev/null; the loader as it was (sha256 of every file, then load: every
+byte read twice); the loader now (each shard hashed on other cores while it is turned into tensors). The
+page cache is dropped before each timed pass when this runs as root; otherwise say so in the figures.
 """
 
 import argparse
+import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from service.launcher import REPO, running_server
+from models.artifact import MANIFEST, hash_files
 
-LOAD_ARTIFACT = "import bentoml; from models.artifact import load_pipeline; load_pipeline(bentoml.models.get({tag!r}).path)"
-QUANTIZE_AT_START = ("from models.source import resolve_source, load_source_pipeline; "
-                     "from quantize.recipes import RECIPES, apply_recipe; "
-                     "apply_recipe(load_source_pipeline(resolve_source({source!r})), RECIPES[{recipe!r}])")
+LOAD = {
+    "one_pass": "from models.artifact import load_pipeline; load_pipeline({folder!r})",
+    "two_pass": ("from pathlib import Path; from models.artifact import sha256_file, load_pipeline; "
+                 "[sha256_file(p) for p in sorted(Path({folder!r}).rglob('*')) if p.is_file()]; "
+                 "load_pipeline({folder!r}, verify=False)"),
+}
+LOAD_SHARDS = {
+    "one_pass": "import json; from pathlib import Path; from models.tensors import read_shards; read_shards(Path({folder!r}), json.loads({hashes!r}))",
+    "two_pass": ("from pathlib import Path; from models.artifact import sha256_file; from models.tensors import "
+                 "read_shards; [sha256_file(p) for p in sorted(Path({folder!r}).iterdir())]; read_shards(Path({folder!r}))"),
+}
 
 
-def time_fresh_process(code: str) -> float:
+def drop_page_cache() -> bool:
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def load_seconds(code: str) -> float:
+    """The load alone, in a fresh process (imports excluded: they cost the same either way)."""
+    program = ("import time, models.artifact, models.tensors\nstarted = time.perf_counter()\n" + code.replace("; ", "\n")
+               + "\nprint(time.perf_counter() - started)")
+    return float(subprocess.run([sys.executable, "-c", program], check=True, capture_output=True,
+                                text=True).stdout.split()[-1])
+
+
+def measure(folder: Path) -> dict:
+    files = sorted(str(path) for path in folder.rglob("*") if path.is_file())
+    if (folder / MANIFEST).is_file():
+        codes = {name: code.format(folder=str(folder)) for name, code in LOAD.items()}
+    else:
+        hashes = json.dumps({Path(path).name: digest for path, digest in hash_files(folder).items()})
+        codes = {name: code.format(folder=str(folder), hashes=hashes) for name, code in LOAD_SHARDS.items()}
+    figures = {"folder": str(folder), "bytes": sum(Path(path).stat().st_size for path in files)}
+    figures["cache_dropped"] = drop_page_cache()
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)
-    return time.perf_counter() - started
-
-
-def time_server_ready(tag: str, port: int) -> float:
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as folder:
-        with running_server(port, Path(folder) / "server.log", env={"FLUX_ARTIFACT": tag,
-                                                                    "FLUX_GRPC_ADDRESS": f"127.0.0.1:{port + 1}"}):
-            return time.perf_counter() - started
+    subprocess.run(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files], check=True)
+    figures["cat_s"] = time.perf_counter() - started
+    for name, code in codes.items():
+        drop_page_cache()
+        figures[f"{name}_s"] = load_seconds(code)
+    figures["one_pass_over_cat"] = figures["one_pass_s"] / figures["cat_s"]
+    figures["two_pass_over_cat"] = figures["two_pass_s"] / figures["cat_s"]
+    return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.cold_start", description=__doc__)
-    parser.add_argument("source", help="the bf16 checkpoint the artifact was made from")
-    parser.add_argument("tag", help="the artifact's model-store tag")
-    parser.add_argument("--port", type=int, default=3456)
+    parser.add_argument("folders", nargs="+", type=Path)
     args = parser.parse_args()
-    import bentoml
-
-    recipe = bentoml.models.get(args.tag).info.labels["recipe"]
-    artifact_s = time_fresh_process(LOAD_ARTIFACT.format(tag=args.tag))
-    quantize_s = time_fresh_process(QUANTIZE_AT_START.format(source=args.source, recipe=recipe))
-    server_s = time_server_ready(args.tag, args.port)
-    print(f"load {recipe} artifact (sha256 checked):  {artifact_s:7.2f} s")
-    print(f"load bf16 + quantize {recipe} at start-up:  {quantize_s:7.2f} s")
-    print(f"cold-start ratio (bf16+quantize / artifact): {quantize_s / artifact_s:.2f}x")
-    print(f"server launch → /readyz with the artifact:  {server_s:7.2f} s")
+    for folder in args.folders:
+        f = measure(folder)
+        print(f"{folder} ({f['bytes'] / 1e9:.2f} GB, page cache dropped: {f['cache_dropped']}): cat {f['cat_s']:.2f} s; "
+              f"load hashing while reading {f['one_pass_s']:.2f} s ({f['one_pass_over_cat']:.2f}x); "
+              f"sha256 pass then load {f['two_pass_s']:.2f} s ({f['two_pass_over_cat']:.2f}x)")
 
 
 if __name__ == "__main__":
