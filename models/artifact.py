@@ -12,7 +12,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel

@@ -5,7 +5,6 @@ import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-import shlex
 import subprocess
 import sys
 import tarfile

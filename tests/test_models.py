@@ -1,7 +1,6 @@
 """What a FLUX model is: architecture fidelity, local tokenizers, source resolution."""
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import bentoml
 import httpx
-import numpy as np
 import pytest
 import torch
 from PIL import Image
