@@ -6,7 +6,6 @@ from contextvars import ContextVar
 
 import bentoml
 
-STAGES = ("queue_wait", "text_encode", "denoise", "decode", "image_encode")
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 STAGE_SECONDS = bentoml.metrics.Histogram(
