@@ -191,18 +191,17 @@ def test_a_full_prompt_cache_hit_moves_nothing(tiny_pipe, monkeypatch):
 
 
 def test_int8_bitsandbytes_state_follows_an_explicit_move(tiny_tag):
-    """LLM.int8() keeps its int8 weights in `layer.state` after the first forward; a parent's .to() leaves
-    them behind. On a CPU the move cpu -> meta shows it (on a GPU, cuda -> cpu is the move that matters)."""
+    """LLM.int8() keeps its int8 weights in `layer.state` after the first forward, which a parent's .to() does
+    not move. On a CPU the move cpu -> meta shows it (on a GPU, cuda -> cpu is the move that matters)."""
     import bitsandbytes as bnb
 
     pipe, _ = load_pipeline(bentoml.models.get(tiny_tag("int8-bnb")).path)
     t5 = pipe.text_encoder_2
     t5(torch.ones(1, 8, dtype=torch.long))  # first forward: CB/SCB move into layer.state
     layers = [m for m in t5.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
-    assert layers and all(layer.state.CB is not None for layer in layers)
-    t5.to("meta")
-    assert {layer.state.CB.device.type for layer in layers} == {"cpu"}  # what a parent's .to() leaves behind
+    assert layers and all(layer.state.CB is not None and layer.state.SCB is not None for layer in layers)
     placement_module.move(t5, torch.device("meta"))
+    assert {p.device.type for p in t5.parameters()} == {"meta"}
     assert {layer.state.CB.device.type for layer in layers} == {"meta"}
     assert {layer.state.SCB.device.type for layer in layers} == {"meta"}
 

@@ -79,16 +79,25 @@ def plan_placement(weights: dict[str, int], budget_bytes: int, max_resolution: i
 
 
 def move(module: torch.nn.Module, device: torch.device) -> None:
-    """`module.to(device)`, and the int8 state bitsandbytes' LLM.int8() layers keep outside their parameters.
+    """`module.to(device)`, with bitsandbytes' LLM.int8() layers moved by their own parameter type first.
 
     After its first forward a `Linear8bitLt` holds its int8 weights and scales in `layer.state` (CB, SCB);
-    a parent's `.to()` goes through `_apply`, which moves parameters only, so without this the state (the
-    whole int8 T5) would stay where it was. Quanto and 4-bit bitsandbytes keep everything in parameters.
+    a parent's `.to()` goes through `_apply`, which moves parameters only, so the state (the whole int8 T5)
+    would stay where it was. Quanto and 4-bit bitsandbytes keep everything in parameters.
     """
-    module.to(device)
     for layer in module.modules():
-        if isinstance(layer, bnb.nn.Linear8bitLt) and layer.state.SCB is not None:
-            layer.state.CB, layer.state.SCB = layer.weight.data, layer.state.SCB.to(device)
+        if isinstance(layer, bnb.nn.Linear8bitLt):
+            move_int8_layer(layer, device)
+    module.to(device)
+
+
+def move_int8_layer(layer: bnb.nn.Linear8bitLt, device: torch.device) -> None:
+    """Int8Params.to carries the weight and its scales; the layer's state then points at the moved ones."""
+    layer.weight = layer.weight.to(device)
+    if layer.state.CB is not None:
+        layer.state.CB = layer.weight.data
+    if layer.state.SCB is not None:
+        layer.state.SCB = layer.state.SCB.to(device)
 
 
 class Placement:
