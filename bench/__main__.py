@@ -1,7 +1,7 @@
 """`python -m bench`: load a running FLUX service over HTTP and gRPC; images/s, latency percentiles, $/image.
 
-Writes bench.json and bench.png under --out, and prints the serving overhead against the same requests
-run in-process through the pipeline.
+Writes bench.json and bench.png under --out, and prints the serving overhead: the same 1024² requests one at
+a time over HTTP and in-process through the renderer to an encoded image (HTTP minus in-process, and over).
 """
 
 import argparse
@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=4, help="requests sent first and not measured")
     parser.add_argument("--mix", type=Path, default=Path(__file__).with_name("mix.json"), help="request shapes")
     parser.add_argument("--overhead-requests", type=int, default=6)
+    parser.add_argument("--overhead-size", type=int, default=1024, help="side of the overhead requests")
+    parser.add_argument("--overhead-steps", type=int, default=4)
     parser.add_argument("--gpu-usd-per-hour", type=float, default=2.0, help="what one replica's GPU costs")
     parser.add_argument("--out", type=Path, default=Path("build/bench"))
     return parser.parse_args(argv)
@@ -69,9 +71,10 @@ def sweep(args, mix: list[dict]) -> list[LevelResult]:
     return results
 
 
-def serving_overhead(args, mix: list[dict], artifact_tag: str) -> dict:
-    """The same requests, one at a time: in-process pipeline vs through the server (HTTP)."""
-    requests = request_stream(mix, args.overhead_requests, seed0=99_000)
+def serving_overhead(args, artifact_tag: str) -> dict:
+    """The same requests, one at a time: in-process to an encoded image vs through the server (HTTP)."""
+    shape = {"width": args.overhead_size, "height": args.overhead_size, "steps": args.overhead_steps}
+    requests = request_stream([shape], args.overhead_requests, seed0=99_000)
     pipe, _ = load_pipeline(bentoml.models.get(artifact_tag).path)
     renderer = Renderer(pipe, Placement.resident(pipe.device))
     renderer.render([WorkItem(**requests[0].model_dump())])  # warm-up
@@ -85,7 +88,8 @@ def serving_overhead(args, mix: list[dict], artifact_tag: str) -> dict:
         httpx.post(f"{args.url}/txt2img", json=request.model_dump(), timeout=900).raise_for_status()
         served.append(time.perf_counter() - started)
     median_direct, median_served = statistics.median(direct), statistics.median(served)
-    return {"requests": len(requests), "in_process_median_s": median_direct, "served_median_s": median_served,
+    return {"requests": len(requests), **shape, "in_process_median_s": median_direct,
+            "served_median_s": median_served, "overhead_s": median_served - median_direct,
             "ratio": median_served / median_direct}
 
 
@@ -98,8 +102,10 @@ def print_table(summaries: list[dict], overhead: dict) -> None:
                       f"{s['images_per_s']:.2f}", f"{s['p50_s']:.3f}", f"{s['p95_s']:.3f}", f"{s['p99_s']:.3f}",
                       f"{s['usd_per_image']:.6f}", " ".join(f"{k}:{v}" for k, v in s["batches"].items()))
     Console(width=160).print(table)
-    print(f"serving overhead: {overhead['ratio']:.2f}x  (median {overhead['served_median_s']:.3f} s through the "
-          f"server vs {overhead['in_process_median_s']:.3f} s in-process, {overhead['requests']} requests, concurrency 1)")
+    print(f"serving overhead at {overhead['width']}x{overhead['height']}, {overhead['steps']} steps: "
+          f"+{overhead['overhead_s'] * 1000:.0f} ms, {overhead['ratio']:.3f}x  (median {overhead['served_median_s']:.3f} s "
+          f"over HTTP vs {overhead['in_process_median_s']:.3f} s in-process to an encoded image, "
+          f"{overhead['requests']} requests, one at a time)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -107,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
     check_reachable(args.url)
     info = httpx.post(f"{args.url}/info", json={}, timeout=60).json()
     summaries = [level.summary(args.gpu_usd_per_hour) for level in sweep(args, mix)]
-    overhead = serving_overhead(args, mix, info["artifact"])
+    overhead = serving_overhead(args, info["artifact"])
     print_table(summaries, overhead)
     return {"machine": {"platform": platform.platform(), "processor": platform.processor(), "device": info["device"]},
             "artifact": info["artifact"], "recipe": info["recipe"], "gpu_usd_per_hour": args.gpu_usd_per_hour,

@@ -1,7 +1,8 @@
 """safetensors read and written a tensor at a time, so a 24 GB checkpoint never sits in memory.
 
 Sources are read through `safe_open`, opened per read so that no file stays mapped; artifacts are
-written in shards of bounded size with an HF-style index (`model.safetensors.index.json`).
+written in shards of bounded size with an HF-style index (`model.safetensors.index.json`) and read back
+a shard at a time, straight into one buffer whose views are the tensors (each byte read from disk once).
 """
 
 import hashlib
@@ -11,12 +12,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
-FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-_DTYPE_BYTES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+          "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 SHARD_BYTES = 1 << 30  # what a shard may hold before it is written out; bounds the writer's memory
 
 
@@ -49,7 +51,8 @@ class TensorFiles:
                 for name in handle.keys():
                     piece = handle.get_slice(name)
                     numel = math.prod(piece.get_shape())
-                    total += numel * (2 if piece.get_dtype() in FLOATS else _DTYPE_BYTES[piece.get_dtype()])
+                    dtype = DTYPES[piece.get_dtype()]
+                    total += numel * (2 if dtype.is_floating_point else dtype.itemsize)
         return total
 
     def get(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
@@ -90,35 +93,70 @@ class ShardWriter:
         self.pending = {}
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()  # releases the GIL: runs beside deserialization
-
-
 def read_shards(folder: Path, sha256s: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor a ShardWriter wrote in `folder`, checked against its index.
 
-    With `sha256s` (shard file name -> expected digest), each shard is read from disk once: its bytes
-    are hashed on other cores while the same bytes are turned into tensors, and a mismatch is an error.
+    Each shard is read from disk once, into one buffer whose views become its tensors; with `sha256s`
+    (shard file name -> expected digest) the same buffer is hashed on other cores while the next shard is
+    read, and a mismatch is an error.
     """
     index = json.loads((folder / INDEX).read_text())["weight_map"]
     tensors: dict[str, torch.Tensor] = {}
-    digests: dict[str, Future] = {}
+    digests: dict[Path, Future] = {}
     with ThreadPoolExecutor(max_workers=2) as hashers:
-        for shard in sorted(set(index.values())):
-            data = (folder / shard).read_bytes()
+        for path in sorted({folder / shard for shard in index.values()}):
+            buffer = read_file(path)
             if sha256s is not None:
-                digests[shard] = hashers.submit(sha256_bytes, data)
+                digests[path] = hashers.submit(sha256_buffer, buffer)
             try:
-                tensors.update({name: _aligned(tensor) for name, tensor in load(data).items()})
-            except SafetensorError as error:
-                _check_digest(folder / shard, digests.get(shard), sha256s)
-                raise ValueError(f"{folder / shard}: unreadable ({error})") from error
-            del data  # the hasher holds it until its digest is done
-    for shard, digest in digests.items():
-        _check_digest(folder / shard, digest, sha256s)
+                tensors.update(shard_tensors(path, buffer))
+            except ValueError:
+                _check_digest(path, digests.get(path), sha256s)  # a damaged file says so first
+                raise
+    for path, digest in digests.items():
+        _check_digest(path, digest, sha256s)
     if set(tensors) != set(index):
         raise ValueError(f"{folder / INDEX}: lists {len(index)} tensors, the shards hold {len(tensors)}")
     return tensors
+
+
+def read_file(path: Path) -> torch.Tensor:
+    """The file's bytes in one CPU buffer, read straight into it."""
+    buffer = torch.empty(path.stat().st_size, dtype=torch.uint8)
+    view, done = memoryview(buffer.numpy()), 0
+    with path.open("rb", buffering=0) as handle:
+        while done < len(view):
+            read = handle.readinto(view[done:])
+            if not read:
+                raise ValueError(f"{path}: shorter than its size (changed while read)")
+            done += read
+    return buffer
+
+
+def sha256_buffer(buffer: torch.Tensor) -> str:
+    return hashlib.sha256(memoryview(buffer.numpy())).hexdigest()  # releases the GIL: runs beside the reads
+
+
+def shard_tensors(path: Path, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in `buffer`, as views of it (copied where misaligned)."""
+    try:
+        header_size = int.from_bytes(buffer[:8].numpy().tobytes(), "little")
+        header = json.loads(buffer[8:8 + header_size].numpy().tobytes())
+        header.pop("__metadata__", None)
+        data = buffer[8 + header_size:]
+        return {name: _tensor(data, entry) for name, entry in header.items()}
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # a header or offsets that do not add up
+        raise ValueError(f"{path}: unreadable safetensors file ({error!r})") from error
+
+
+def _tensor(data: torch.Tensor, entry: dict) -> torch.Tensor:
+    start, stop = entry["data_offsets"]
+    if not 0 <= start <= stop <= len(data):
+        raise ValueError(f"data offsets {start}..{stop} outside the file")
+    raw = data[start:stop]
+    if raw.data_ptr() % 16:  # int8 matmul kernels crash on data that is not 16-byte aligned
+        raw = raw.clone()
+    return raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def _check_digest(path: Path, digest: Future | None, sha256s: dict[str, str] | None) -> None:
@@ -128,8 +166,3 @@ def _check_digest(path: Path, digest: Future | None, sha256s: dict[str, str] | N
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def _aligned(tensor: torch.Tensor) -> torch.Tensor:
-    """int8 matmul kernels crash on data that is not 16-byte aligned, as safetensors may leave it."""
-    return tensor if tensor.data_ptr() % 16 == 0 else tensor.clone()

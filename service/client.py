@@ -1,6 +1,7 @@
 """Clients for the FLUX service: `python -m service.client "a prompt" -o out.png [--grpc]`."""
 
 import argparse
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +20,9 @@ MAX_REPLY_MB = 64  # the server's FLUX_GRPC_MAX_SEND_MB default; gRPC's own 4 MB
 class FluxClient:
     """HTTP: raises httpx.HTTPStatusError carrying the server's message on 4xx/5xx."""
 
-    def __init__(self, url: str = "http://127.0.0.1:3000", timeout_s: float = 900) -> None:
-        self.http = httpx.Client(base_url=url, timeout=timeout_s)
+    def __init__(self, url: str = "http://127.0.0.1:3000", timeout_s: float = 900, api_key: str | None = None) -> None:
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+        self.http = httpx.Client(base_url=url, timeout=timeout_s, headers=headers)
 
     def txt2img(self, request: GenerationRequest) -> bytes:
         """The image's bytes, in the request's format."""
@@ -34,9 +36,11 @@ class FluxClient:
 class FluxGrpcClient:
     """gRPC (flux.v1.TextToImage): raises grpc.RpcError with the status code and message."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", max_reply_mb: int = MAX_REPLY_MB) -> None:
+    def __init__(self, target: str = "127.0.0.1:50051", max_reply_mb: int = MAX_REPLY_MB,
+                 api_key: str | None = None) -> None:
         self.channel = grpc.insecure_channel(target, options=message_limits(4, max_reply_mb))
         self.stub = services.TextToImageStub(self.channel)
+        self.metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
 
     @staticmethod
     def message(request: GenerationRequest):
@@ -44,11 +48,11 @@ class FluxGrpcClient:
         return messages.GenerateRequest(**fields, format=GRPC_FORMATS[request.format])
 
     def generate(self, request: GenerationRequest, timeout_s: float | None = None):
-        return self.stub.Generate(self.message(request), timeout=timeout_s)
+        return self.stub.Generate(self.message(request), timeout=timeout_s, metadata=self.metadata)
 
     def generate_stream(self, request: GenerationRequest, timeout_s: float | None = None) -> Iterator:
         """Progress events, then one event holding the result."""
-        return self.stub.GenerateStream(self.message(request), timeout=timeout_s)
+        return self.stub.GenerateStream(self.message(request), timeout=timeout_s, metadata=self.metadata)
 
 
 def stream_with_progress_bar(client: FluxGrpcClient, request: GenerationRequest) -> bytes:
@@ -69,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", default="http://127.0.0.1:3000", help="HTTP base URL")
     parser.add_argument("--grpc", action="store_true", help="use gRPC (streaming, with a progress bar)")
     parser.add_argument("--target", default="127.0.0.1:50051", help="gRPC host:port")
+    parser.add_argument("--api-key", default=os.environ.get("FLUX_API_KEY"), help="bearer token (env FLUX_API_KEY)")
     for name, field in GenerationRequest.model_fields.items():
         if name != "prompt":
             parser.add_argument(f"--{name}", type=field.annotation, default=field.default, help=field.description)
@@ -79,9 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     request = GenerationRequest(**{name: getattr(args, name) for name in GenerationRequest.model_fields})
     if args.grpc:
-        image = stream_with_progress_bar(FluxGrpcClient(args.target), request)
+        image = stream_with_progress_bar(FluxGrpcClient(args.target, api_key=args.api_key), request)
     else:
-        image = FluxClient(args.url).txt2img(request)
+        image = FluxClient(args.url, api_key=args.api_key).txt2img(request)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(image)
     print(args.out)

@@ -14,7 +14,7 @@ STAGE_SECONDS = bentoml.metrics.Histogram(
 REQUESTS = bentoml.metrics.Counter(name="flux_requests", documentation="Requests ended, by protocol and outcome",
                                    labelnames=["protocol", "outcome"])
 IN_FLIGHT = bentoml.metrics.Gauge(name="flux_requests_in_flight", documentation="Requests admitted and not yet "
-                                  "answered, HTTP and gRPC, each counted once", multiprocess_mode="livesum")
+                                  "answered, every protocol, each call counted once", multiprocess_mode="livesum")
 REFUSALS = bentoml.metrics.Counter(name="flux_refusals", documentation="Requests refused before queueing",
                                    labelnames=["reason"])
 CANCELLATIONS = bentoml.metrics.Counter(name="flux_cancellations", documentation="Requests whose caller left, by "

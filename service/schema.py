@@ -68,8 +68,13 @@ class Limits(BaseModel):
     max_side: int
     max_batch: dict[int, int]  # resolution bucket -> largest batch the plan allows
 
-    def check(self, request: GenerationRequest) -> None:
+    def check(self, items: list[GenerationRequest]) -> None:
+        """Images of one call: each within the largest side, and together within one batch of their size."""
         for field in ("width", "height"):
-            if getattr(request, field) > self.max_side:
-                raise Refused(field, f"{getattr(request, field)} is larger than this deployment serves "
-                                     f"(largest side: {self.max_side})")
+            if (value := max(getattr(item, field) for item in items)) > self.max_side:
+                raise Refused(field, f"{value} is larger than this deployment serves (largest side: {self.max_side})")
+        side = max(item.side for item in items)
+        batch = next(batch for bucket, batch in sorted(self.max_batch.items()) if bucket >= side)
+        if len(items) > batch:
+            raise Refused("n", f"{len(items)} images at {items[0].width}x{items[0].height} in one call: this "
+                               f"deployment renders at most {batch} together at that size")

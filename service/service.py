@@ -13,8 +13,10 @@ import bentoml
 from starlette.responses import JSONResponse, Response
 
 from models.artifact import load_pipeline
+from service.fronts.auth import BearerAuth
 from service.fronts.gateway import Gateway, Rejected
 from service.fronts.grpc_front import GrpcFront
+from service.fronts.openai_front import app as openai_app
 from service.fronts.outcomes import http_status
 from service.observe import BATCHES, REQUEST_ID_HEADER, logger, new_request_id
 from service.runtime.board import Board
@@ -28,6 +30,7 @@ from service.schema import GenerationRequest, Limits, WorkItem
 from service.settings import RESOLUTION_BUCKETS, settings
 
 SETTINGS = settings()
+API_KEYS = SETTINGS.accepted_keys()
 COMPONENTS = ("transformer", "text_encoder_2", "text_encoder", "vae")
 
 
@@ -59,12 +62,15 @@ def bucket_api(resolution: int):
                        max_latency_ms=SETTINGS.latency_ms(resolution))
 
 
+ARTIFACT = artifact_reference(SETTINGS.artifact)
+
+
 # A thread per bucket's queue, so a waiting batch can be chosen by DeviceTurns (one runs at a time).
 @bentoml.service(traffic={"timeout": 900}, threads=len(RESOLUTION_BUCKETS))
 class FluxWorker:
     """Loads one artifact, plans its placement, warms up, then renders batches."""
 
-    artifact = artifact_reference(SETTINGS.artifact)
+    artifact = ARTIFACT
 
     def __init__(self) -> None:
         self.device, budget = device_and_budget(SETTINGS.gpu_memory_gb)
@@ -120,16 +126,19 @@ def http_answer(ctx: bentoml.Context, outcome: str, message: str, rid: str, fiel
     return JSONResponse({"error": message, "outcome": outcome, "detail": detail}, headers={REQUEST_ID_HEADER: rid})
 
 
+@bentoml.asgi_app(openai_app, path="/v1")
 @bentoml.service(traffic={"timeout": 900, "max_concurrency": SETTINGS.max_in_flight})
 class Flux:
-    """POST /txt2img (JSON in, the worker's image bytes out) and gRPC flux.v1.TextToImage."""
+    """POST /txt2img (JSON in, the worker's image bytes out), gRPC flux.v1.TextToImage, and OpenAI's
+    POST /v1/images/generations."""
 
     worker = bentoml.depends(FluxWorker)
 
     @bentoml.on_startup
     async def start(self) -> None:
         self.gateway = Gateway(self.worker)
-        self.grpc = GrpcFront(self.gateway, SETTINGS)
+        self.model = ARTIFACT.stored
+        self.grpc = GrpcFront(self.gateway, SETTINGS, API_KEYS)
         await self.grpc.start()
 
     @bentoml.on_shutdown
@@ -157,3 +166,6 @@ class Flux:
     @bentoml.api(route="/info")
     async def info(self) -> dict:
         return await self.gateway.info()
+
+
+Flux.add_asgi_middleware(BearerAuth, keys=API_KEYS)

@@ -1,9 +1,11 @@
 """The service's configuration: one object, read from FLUX_* environment variables and validated once."""
 
 from functools import cache
+from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, FilePath, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 RESOLUTION_BUCKETS = (512, 768, 1024, 1536, 2048)  # one batching queue each; a request joins the smallest that holds it
 
@@ -29,6 +31,19 @@ class Settings(BaseSettings):
     max_resolution: int = Field(2048, ge=64, le=RESOLUTION_BUCKETS[-1], description="largest side the plan must fit")
     prompt_cache_mb: int = Field(1024, ge=0, description="cached prompt embeddings, host memory")
     liveness_timeout_s: float = Field(10, gt=0, description="a device check slower than this fails /livez")
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="bearer tokens the APIs accept, comma-separated; none here or in the file: no auth")
+    api_keys_file: FilePath | None = Field(None, description="more tokens, one per line (a mounted Secret)")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def split_keys(cls, value: str | tuple) -> tuple[str, ...]:
+        return tuple(key.strip() for key in value.split(",") if key.strip()) if isinstance(value, str) else value
+
+    def accepted_keys(self) -> tuple[str, ...]:
+        """The tokens of FLUX_API_KEYS and of FLUX_API_KEYS_FILE."""
+        lines = Path(self.api_keys_file).read_text().splitlines() if self.api_keys_file else []
+        return self.api_keys + tuple(line.strip() for line in lines if line.strip())
 
     def latency_ms(self, bucket: int) -> int:
         return self.max_latency_ms.get(bucket, max(self.max_latency_ms.values()))

@@ -10,6 +10,7 @@ from diffusers import FluxTransformer2DModel
 from models.architecture import build_module, build_pipeline
 from models.artifact import ArtifactError, Component, load_module, load_pipeline, read_manifest
 from models.source import Source
+from models.tensors import ShardWriter, read_shards
 from quantize.recipes import RECIPES, apply_recipe, quantize_model
 from quantize.stream import write_component
 
@@ -112,6 +113,25 @@ def test_truncated_and_missing_files_are_named(artifact_copy):
     weights.unlink()
     with pytest.raises(ArtifactError, match="text_encoder_2/model-00001.safetensors: listed in the manifest but missing"):
         load_pipeline(artifact_copy)
+
+
+def test_shards_read_back_as_aligned_views_and_a_bad_header_is_named(tmp_path):
+    """Tensors are views of the shard buffer where aligned; an odd-sized int8 tensor misaligns the next ones."""
+    written = {"a": torch.arange(3, dtype=torch.int8), "b": torch.randn(5).to(torch.bfloat16),
+               "c": torch.randn(2, 3), "d": torch.ones((), dtype=torch.int64)}
+    writer = ShardWriter(tmp_path)
+    writer.add(written)
+    writer.close()
+    read = read_shards(tmp_path)
+    assert set(read) == set(written) and all(torch.equal(read[k], v) and read[k].dtype == v.dtype
+                                             for k, v in written.items())
+    assert all(tensor.data_ptr() % 16 == 0 for tensor in read.values())
+    shard = tmp_path / "model-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[8:10] = b"[["  # the JSON header
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model-00001.safetensors: unreadable safetensors file"):
+        read_shards(tmp_path)
 
 
 def test_newer_schema_is_refused(artifact_copy):

@@ -60,12 +60,14 @@ def test_run_against_a_tiny_server_writes_json_and_png(tiny_int8_tag, tmp_path):
     mix.write_text(json.dumps([{"width": 64, "height": 64, "steps": 2}, {"width": 128, "height": 128, "steps": 2}]))
     result = run_module("bench", "--serve", tiny_int8_tag, "--url", f"http://127.0.0.1:{free_port()}",
                         "--grpc-target", f"127.0.0.1:{free_port()}", "--concurrency", "1,4", "--requests", "8",
-                        "--overhead-requests", "2", "--mix", str(mix), "--out", str(tmp_path))
+                        "--overhead-requests", "2", "--overhead-size", "128", "--mix", str(mix), "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     assert [(level["protocol"], level["concurrency"]) for level in report["levels"]] == [
         ("http", 1), ("http", 4), ("grpc", 1), ("grpc", 4)]
     assert all(level["ok"] == 8 and not level["errors_by_status"] for level in report["levels"])
-    assert report["overhead"]["ratio"] > 0
+    overhead = report["overhead"]
+    assert overhead["width"] == overhead["height"] == 128 and overhead["requests"] == 2
+    assert overhead["ratio"] > 0 and overhead["served_median_s"] - overhead["in_process_median_s"] == overhead["overhead_s"]
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "serving overhead" in result.stdout

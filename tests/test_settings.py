@@ -46,6 +46,20 @@ def test_per_bucket_latency_from_a_json_mapping(monkeypatch):
     assert (Settings().latency_ms(512), Settings().latency_ms(1024)) == (1000, 9000)
 
 
+def test_api_keys_from_a_list_and_a_file_and_a_missing_file_is_named(monkeypatch, tmp_path):
+    (tmp_path / "keys").write_text("k3\n\n k4 \n")
+    monkeypatch.setenv("FLUX_API_KEYS", " k1,k2 ,")
+    monkeypatch.setenv("FLUX_API_KEYS_FILE", str(tmp_path / "keys"))
+    assert Settings().accepted_keys() == ("k1", "k2", "k3", "k4")
+    monkeypatch.setenv("FLUX_API_KEYS_FILE", str(tmp_path / "absent"))
+    settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit, match="FLUX_API_KEYS_FILE: Path does not point to a file"):
+            settings()
+    finally:
+        settings.cache_clear()
+
+
 class Worker:
     """A worker method that fails the first time with `error`, then answers."""
 

@@ -39,11 +39,11 @@ class Gateway:
                 pass
             await asyncio.sleep(0.5)
 
-    def check(self, item: WorkItem) -> None:
+    def check(self, items: list[WorkItem]) -> None:
         if self.limits is None:
             raise Rejected("loading", "the model is still loading")
         try:
-            self.limits.check(item)
+            self.limits.check(items)
         except Refused as error:
             REFUSALS.labels(reason=f"{error.field}_over_plan").inc()
             raise Rejected("refused", error.message, error.field) from None
@@ -51,13 +51,19 @@ class Gateway:
     async def render(self, item: WorkItem, caller_left: Callable[[], Awaitable[bool]] | None = None) -> Result:
         """The worker's Result for `item`; raises Rejected for what the front answers itself. A caller that
         leaves (cancelled task, or `caller_left()` turning true) is cancelled on the worker too."""
-        token = request_id.set(item.request_id)
+        return (await self.render_group([item], caller_left))[0]
+
+    async def render_group(self, items: list[WorkItem],
+                           caller_left: Callable[[], Awaitable[bool]] | None = None) -> list[Result]:
+        """`render` for images of one call (one request id), queued together so they can share a batch."""
+        first = items[0]
+        token = request_id.set(first.request_id)
         outcome = "error"
         try:
-            self.check(item)
-            result = await self._follow(item, caller_left)
-            outcome = result.status
-            return result
+            self.check(items)
+            results = await self._follow(items, caller_left)
+            outcome = next((result.status for result in results if not result.ok), Status.ok)
+            return results
         except Rejected as error:
             outcome = error.outcome
             raise
@@ -65,23 +71,25 @@ class Gateway:
             outcome = Status.cancelled
             raise
         finally:
-            REQUESTS.labels(protocol=item.protocol, outcome=outcome).inc()
-            logger.info("%s %dx%d %d steps: %s", item.protocol, item.width, item.height, item.steps, outcome)
+            REQUESTS.labels(protocol=first.protocol, outcome=outcome).inc()
+            logger.info("%s %d× %dx%d %d steps: %s", first.protocol, len(items), first.width, first.height,
+                        first.steps, outcome)
             request_id.reset(token)
 
-    async def _follow(self, item: WorkItem, caller_left) -> Result:
-        generate = getattr(self.worker.to_async, f"generate_{Placement.bucket(item.side)}")
-        call = asyncio.ensure_future(call_worker(generate, [item]))
+    async def _follow(self, items: list[WorkItem], caller_left) -> list[Result]:
+        rid = items[0].request_id
+        generate = getattr(self.worker.to_async, f"generate_{Placement.bucket(items[0].side)}")
+        call = asyncio.ensure_future(call_worker(generate, items))
         IN_FLIGHT.inc()
         try:
             while not call.done():
                 await asyncio.wait({call}, timeout=POLL_S)
                 if not call.done() and caller_left is not None and await caller_left():
-                    self._cancel_on_worker(item.request_id, call)
-                    return failure(Status.cancelled, "the client disconnected")
-            return (await call)[0]
+                    self._cancel_on_worker(rid, call)
+                    return [failure(Status.cancelled, "the client disconnected")] * len(items)
+            return await call
         except asyncio.CancelledError:
-            self._cancel_on_worker(item.request_id, call)
+            self._cancel_on_worker(rid, call)
             raise
         except Exception as error:  # noqa: BLE001 - BentoML raises what the worker's server answered
             raise Rejected(outcome_of_worker_error(error), str(error) or type(error).__name__) from None

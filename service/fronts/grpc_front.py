@@ -9,6 +9,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
+from service.fronts.auth import GrpcBearerAuth
 from service.fronts.gateway import Gateway, Rejected
 from service.fronts.outcomes import grpc_code
 from service.fronts.stubs import SERVICE_NAME, messages, services
@@ -102,9 +103,10 @@ class TextToImage(services.TextToImageServicer):
 class GrpcFront:
     """The gRPC server beside BentoML's HTTP server: health follows readiness and shutdown."""
 
-    def __init__(self, gateway: Gateway, settings: Settings) -> None:
+    def __init__(self, gateway: Gateway, settings: Settings, api_keys: tuple[str, ...] = ()) -> None:
         self.settings = settings
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+        self.server = grpc.aio.server(interceptors=[GrpcBearerAuth(api_keys)] if api_keys else [],
+                                      options=[("grpc.so_reuseport", 0),
                                                *message_limits(settings.grpc_max_send_mb, settings.grpc_max_receive_mb)])
         self.health = health.aio.HealthServicer()
         self.servicer = TextToImage(gateway, settings.max_in_flight)

@@ -1,0 +1,134 @@
+"""OpenAI-compatible Images API (`POST /v1/images/generations`, `GET /v1/models`), mounted on the front.
+
+It only translates: an OpenAI request into the WorkItems of one call (image k with seed + k), the Results
+back into OpenAI's response, and every failure into OpenAI's error object, so SDK exceptions carry the
+message and the field (`param`).
+"""
+
+import base64
+import time
+from typing import Annotated, Literal
+
+import bentoml
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.fronts.gateway import Gateway, Rejected
+from service.fronts.outcomes import http_status
+from service.observe import REQUEST_ID_HEADER, new_request_id
+from service.runtime.result import Result
+from service.schema import MAX_PROMPT_CHARS, GenerationRequest, ImageFormat, WorkItem
+
+OWNER = "flux-serve"
+
+
+class ImagesRequest(BaseModel):
+    """OpenAI's image generation request; `steps`, `guidance` and `seed` are this server's extensions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    model: str | None = Field(None, description="the served artifact's name (GET /v1/models); default: it")
+    n: Annotated[int, Field(ge=1, description="images of this prompt, seeds seed..seed+n-1, batched together")] = 1
+    size: Annotated[str, Field(pattern=r"^\d{2,4}x\d{2,4}$", description="WIDTHxHEIGHT")] = "1024x1024"
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: ImageFormat = ImageFormat.png
+    output_compression: Annotated[int, Field(ge=1, le=100, description="JPEG/WebP quality")] = 90
+    user: str | None = None
+    steps: Annotated[int, Field(ge=1, le=100, description="extension: denoising steps")] = 28
+    guidance: Annotated[float, Field(ge=0.0, le=20.0, description="extension: guidance scale")] = 3.5
+    seed: Annotated[int, Field(ge=0, lt=2**63, description="extension: seed of the first image")] = 0
+
+
+class OpenAIError(Exception):
+    """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self, rid: str = "") -> JSONResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers={REQUEST_ID_HEADER: rid} if rid else None)
+
+
+def param_of(field: str | None) -> str | None:
+    """Our field names as the OpenAI request calls them."""
+    return {"width": "size", "height": "size", "quality": "output_compression", "format": "output_format"}.get(
+        field, field)
+
+
+def served_model() -> bentoml.models.Model:
+    return bentoml.get_current_service().model
+
+
+def work_items(body: ImagesRequest, rid: str) -> list[WorkItem]:
+    if body.response_format == "url":
+        raise OpenAIError(400, "response_format 'url' needs a results store; none is configured on this server",
+                          "response_format", "unsupported_value")
+    width, height = map(int, body.size.split("x"))
+    try:
+        request = GenerationRequest(prompt=body.prompt, width=width, height=height, steps=body.steps,
+                                    guidance=body.guidance, seed=body.seed, format=body.output_format,
+                                    quality=body.output_compression)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = param_of(str(first["loc"][0]))
+        raise OpenAIError(400, f"{param}: {first['msg']}", param, "invalid_value") from None
+    arrived = time.time()
+    return [WorkItem(**request.model_dump(), protocol="openai", request_id=rid, arrived=arrived)
+            .model_copy(update={"seed": body.seed + k}) for k in range(body.n)]
+
+
+def images_response(results: list[Result], body: ImagesRequest) -> dict:
+    failed = next((result for result in results if not result.ok), None)
+    if failed is not None:
+        raise OpenAIError(http_status(failed.status), failed.message, None, failed.status)
+    data = [{"b64_json": base64.b64encode(result.image).decode()} for result in results]
+    return {"created": int(time.time()), "data": data, "output_format": body.output_format.value,
+            "size": body.size}
+
+
+app = FastAPI(title="flux-serve OpenAI-compatible Images API")
+
+
+@app.exception_handler(RequestValidationError)
+async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0]
+    field = next((str(part) for part in reversed(first["loc"]) if part != "body" and not isinstance(part, int)),
+                 None)
+    return OpenAIError(400, f"{field}: {first['msg']}" if field else first["msg"], field,
+                       "invalid_value").response()
+
+
+@app.post("/images/generations")
+async def generate_images(body: ImagesRequest, request: Request) -> JSONResponse:
+    rid = new_request_id(request.headers.get(REQUEST_ID_HEADER))
+    gateway: Gateway = bentoml.get_current_service().gateway
+    try:
+        check_model(body.model)
+        results = await gateway.render_group(work_items(body, rid), caller_left=request.is_disconnected)
+        return JSONResponse(images_response(results, body), headers={REQUEST_ID_HEADER: rid})
+    except Rejected as error:
+        failure = OpenAIError(http_status(error.outcome), error.message, param_of(error.field), error.outcome)
+        return failure.response(rid)
+    except OpenAIError as error:
+        return error.response(rid)
+
+
+def check_model(name: str | None) -> None:
+    model = served_model()
+    if name not in (None, model.tag.name, str(model.tag)):
+        raise OpenAIError(404, f"The model '{name}' does not exist; this server serves '{model.tag.name}'",
+                          "model", "model_not_found")
+
+
+@app.get("/models")
+async def list_models() -> dict:
+    model = served_model()
+    created = int(model.info.creation_time.timestamp())
+    return {"object": "list", "data": [{"id": model.tag.name, "object": "model", "created": created,
+                                        "owned_by": OWNER}]}
