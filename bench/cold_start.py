@@ -1,14 +1,16 @@
-"""`python -m bench.cold_start FOLDER...`: artifact load time over the time to read its bytes once.
+"""`python -m bench.cold_start FOLDER... [--before CHECKOUT]`: artifact load time over the time to read its bytes once.
 
-FOLDER is an artifact (manifest.json: the whole pipeline is loaded) or one component folder of shards (the
-full-size transformer `python -m bench.streaming --keep` writes; its sha256s are computed first, untimed).
-For each: `cat` of every file to /dev/null; the loader as it was (sha256 of every file, then load: every
-byte read twice); the loader now (each shard hashed on other cores while it is turned into tensors). The
-page cache is dropped before each timed pass when this runs as root; otherwise say so in the figures.
+FOLDER is an artifact (manifest.json: the whole pipeline is loaded, verified) or one component folder of
+shards (the full-size transformer `python -m bench.streaming --keep` writes; its sha256s are computed first,
+untimed). For each: `cat` of every file to /dev/null, then the loader of this checkout and, with --before,
+the loader of another checkout of this repository (e.g. `git worktree add build/before 1398f65`: sha256 of
+every file, then load). Each load runs alone in a fresh process, imports excluded. The page cache is dropped
+before each timed pass when this runs as root; otherwise the figures say so.
 """
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,16 +18,13 @@ from pathlib import Path
 
 from models.artifact import MANIFEST, hash_files
 
-LOAD = {
-    "one_pass": "from models.artifact import load_pipeline; load_pipeline({folder!r})",
-    "two_pass": ("from pathlib import Path; from models.artifact import sha256_file, load_pipeline; "
-                 "[sha256_file(p) for p in sorted(Path({folder!r}).rglob('*')) if p.is_file()]; "
-                 "load_pipeline({folder!r}, verify=False)"),
-}
-LOAD_SHARDS = {
-    "one_pass": "import json; from pathlib import Path; from models.tensors import read_shards; read_shards(Path({folder!r}), json.loads({hashes!r}))",
-    "two_pass": ("from pathlib import Path; from models.artifact import sha256_file; from models.tensors import "
-                 "read_shards; [sha256_file(p) for p in sorted(Path({folder!r}).iterdir())]; read_shards(Path({folder!r}))"),
+REPO = Path(__file__).resolve().parents[1]
+LOAD_ARTIFACT = "from models.artifact import load_pipeline; load_pipeline({folder!r})"
+LOAD_SHARDS = {  # the shard reader's signature changed: before, it took no digests (files were hashed first)
+    "now": ("import json; from pathlib import Path; from models.tensors import read_shards; "
+            "read_shards(Path({folder!r}), json.loads({hashes!r}))"),
+    "before": ("from pathlib import Path; from models.artifact import sha256_file; from models.tensors import "
+               "read_shards; [sha256_file(p) for p in sorted(Path({folder!r}).iterdir())]; read_shards(Path({folder!r}))"),
 }
 
 
@@ -38,43 +37,52 @@ def drop_page_cache() -> bool:
         return False
 
 
-def load_seconds(code: str) -> float:
-    """The load alone, in a fresh process (imports excluded: they cost the same either way)."""
+def load_seconds(code: str, checkout: Path) -> float:
+    """The load alone, in a fresh process of `checkout` (imports excluded: they cost the same either way)."""
     program = ("import time, models.artifact, models.tensors\nstarted = time.perf_counter()\n" + code.replace("; ", "\n")
                + "\nprint(time.perf_counter() - started)")
-    return float(subprocess.run([sys.executable, "-c", program], check=True, capture_output=True,
-                                text=True).stdout.split()[-1])
+    result = subprocess.run([sys.executable, "-c", program], cwd=checkout, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(checkout)})
+    if result.returncode:
+        raise SystemExit(f"{checkout}: the load failed:\n{result.stderr[-2000:]}")
+    return float(result.stdout.split()[-1])
 
 
-def measure(folder: Path) -> dict:
-    files = sorted(str(path) for path in folder.rglob("*") if path.is_file())
+def loader_code(folder: Path, version: str) -> str:
     if (folder / MANIFEST).is_file():
-        codes = {name: code.format(folder=str(folder)) for name, code in LOAD.items()}
-    else:
-        hashes = json.dumps({Path(path).name: digest for path, digest in hash_files(folder).items()})
-        codes = {name: code.format(folder=str(folder), hashes=hashes) for name, code in LOAD_SHARDS.items()}
+        return LOAD_ARTIFACT.format(folder=str(folder))
+    hashes = json.dumps({Path(path).name: digest for path, digest in hash_files(folder).items()})
+    return LOAD_SHARDS[version].format(folder=str(folder), hashes=hashes)
+
+
+def measure(folder: Path, before: Path | None) -> dict:
+    files = sorted(str(path) for path in folder.rglob("*") if path.is_file())
+    checkouts = {"now": REPO, **({"before": before} if before else {})}
+    codes = {version: loader_code(folder, version) for version in checkouts}
     figures = {"folder": str(folder), "bytes": sum(Path(path).stat().st_size for path in files)}
     figures["cache_dropped"] = drop_page_cache()
     started = time.perf_counter()
     subprocess.run(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files], check=True)
     figures["cat_s"] = time.perf_counter() - started
-    for name, code in codes.items():
+    for version, checkout in checkouts.items():
         drop_page_cache()
-        figures[f"{name}_s"] = load_seconds(code)
-    figures["one_pass_over_cat"] = figures["one_pass_s"] / figures["cat_s"]
-    figures["two_pass_over_cat"] = figures["two_pass_s"] / figures["cat_s"]
+        figures[f"{version}_s"] = load_seconds(codes[version], checkout)
+        figures[f"{version}_over_cat"] = figures[f"{version}_s"] / figures["cat_s"]
     return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.cold_start", description=__doc__)
     parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("--before", type=Path, help="a checkout of this repository with the earlier loader")
     args = parser.parse_args()
     for folder in args.folders:
-        f = measure(folder)
-        print(f"{folder} ({f['bytes'] / 1e9:.2f} GB, page cache dropped: {f['cache_dropped']}): cat {f['cat_s']:.2f} s; "
-              f"load hashing while reading {f['one_pass_s']:.2f} s ({f['one_pass_over_cat']:.2f}x); "
-              f"sha256 pass then load {f['two_pass_s']:.2f} s ({f['two_pass_over_cat']:.2f}x)")
+        f = measure(folder.resolve(), args.before.resolve() if args.before else None)
+        line = (f"{folder} ({f['bytes'] / 1e9:.2f} GB, page cache dropped: {f['cache_dropped']}): cat {f['cat_s']:.2f} s; "
+                f"load now {f['now_s']:.2f} s ({f['now_over_cat']:.2f}x)")
+        if args.before:
+            line += f"; load before {f['before_s']:.2f} s ({f['before_over_cat']:.2f}x)"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

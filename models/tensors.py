@@ -19,7 +19,8 @@ INDEX = "model.safetensors.index.json"
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-SHARD_BYTES = 1 << 30  # what a shard may hold before it is written out; bounds the writer's memory
+ALIGNMENT = 64  # bytes; what the reader's buffers and the tensors in them are aligned to
+SHARD_BYTES = 256 << 20  # what a shard may hold: bounds the writer's memory, and lets the loader hash shards on all cores
 
 
 class TensorFiles:
@@ -64,33 +65,41 @@ class TensorFiles:
 
 
 class ShardWriter:
-    """Collects tensors and writes them as `<name>-0000N.safetensors` shards plus `<name>.safetensors.index.json`."""
+    """Collects tensors and writes them as `<name>-0000N.safetensors` shards plus `<name>.safetensors.index.json`.
+
+    safetensors packs tensors back to back, so one odd-sized tensor (a bf16 scale) would leave every tensor
+    after it misaligned, to be copied on load; those go last, into a shard of their own.
+    """
 
     def __init__(self, folder: Path, max_shard_bytes: int = SHARD_BYTES, name: str = "model"):
         self.folder, self.max_shard_bytes, self.name = folder, max_shard_bytes, name
         self.pending: dict[str, torch.Tensor] = {}
+        self.odd_sized: dict[str, torch.Tensor] = {}
         self.weight_map: dict[str, str] = {}
         self.total = 0
         folder.mkdir(parents=True, exist_ok=True)
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.pending.update({name: tensor.contiguous() for name, tensor in tensors.items()})
+        for name, tensor in tensors.items():
+            tensor = tensor.contiguous()
+            (self.pending if _nbytes(tensor) % ALIGNMENT == 0 else self.odd_sized)[name] = tensor
         if sum(_nbytes(t) for t in self.pending.values()) >= self.max_shard_bytes:
-            self._flush()
+            self._flush(self.pending)
 
     def close(self) -> None:
-        self._flush()
+        self._flush(self.pending)
+        self._flush(self.odd_sized)
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / f"{self.name}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
-    def _flush(self) -> None:
-        if not self.pending:
+    def _flush(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not tensors:
             return
         shard = f"{self.name}-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
-        save_file(self.pending, self.folder / shard, metadata={"format": "pt"})
-        self.weight_map.update(dict.fromkeys(self.pending, shard))
-        self.total += sum(_nbytes(t) for t in self.pending.values())
-        self.pending = {}
+        save_file(tensors, self.folder / shard, metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(tensors, shard))
+        self.total += sum(_nbytes(t) for t in tensors.values())
+        tensors.clear()
 
 
 def read_shards(folder: Path, sha256s: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
@@ -105,7 +114,7 @@ def read_shards(folder: Path, sha256s: dict[str, str] | None = None) -> dict[str
     digests: dict[Path, Future] = {}
     with ThreadPoolExecutor(max_workers=2) as hashers:
         for path in sorted({folder / shard for shard in index.values()}):
-            buffer = read_file(path)
+            buffer = read_file(path, aligned_at=data_start(path))  # aligned tensors need no copy
             if sha256s is not None:
                 digests[path] = hashers.submit(sha256_buffer, buffer)
             try:
@@ -120,9 +129,10 @@ def read_shards(folder: Path, sha256s: dict[str, str] | None = None) -> dict[str
     return tensors
 
 
-def read_file(path: Path) -> torch.Tensor:
-    """The file's bytes in one CPU buffer, read straight into it."""
-    buffer = torch.empty(path.stat().st_size, dtype=torch.uint8)
+def read_file(path: Path, aligned_at: int = 0) -> torch.Tensor:
+    """The file's bytes in one CPU buffer, read straight into it, with byte `aligned_at` 64-byte aligned."""
+    size, pad = path.stat().st_size, -aligned_at % ALIGNMENT
+    buffer = torch.empty(size + pad, dtype=torch.uint8)[pad:]  # CPU allocations are 64-byte aligned
     view, done = memoryview(buffer.numpy()), 0
     with path.open("rb", buffering=0) as handle:
         while done < len(view):
@@ -131,6 +141,12 @@ def read_file(path: Path) -> torch.Tensor:
                 raise ValueError(f"{path}: shorter than its size (changed while read)")
             done += read
     return buffer
+
+
+def data_start(path: Path) -> int:
+    """Where a safetensors file's tensor data begins: after the 8-byte header length and the header."""
+    with path.open("rb") as handle:
+        return 8 + int.from_bytes(handle.read(8), "little")
 
 
 def sha256_buffer(buffer: torch.Tensor) -> str:

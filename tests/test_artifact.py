@@ -116,9 +116,11 @@ def test_truncated_and_missing_files_are_named(artifact_copy):
 
 
 def test_shards_read_back_as_aligned_views_and_a_bad_header_is_named(tmp_path):
-    """Tensors are views of the shard buffer where aligned; an odd-sized int8 tensor misaligns the next ones."""
+    """Whole-sized tensors are read as views of their shard's buffer; odd-sized ones (which would misalign
+    what follows them) are written to a shard of their own and copied into aligned memory on load."""
     written = {"a": torch.arange(3, dtype=torch.int8), "b": torch.randn(5).to(torch.bfloat16),
-               "c": torch.randn(2, 3), "d": torch.ones((), dtype=torch.int64)}
+               "c": torch.randn(2, 3), "d": torch.ones((), dtype=torch.int64),
+               "w": torch.randn(64, 16).to(torch.bfloat16), "q": torch.ones(128, 4, dtype=torch.int8)}
     writer = ShardWriter(tmp_path)
     writer.add(written)
     writer.close()
@@ -126,6 +128,8 @@ def test_shards_read_back_as_aligned_views_and_a_bad_header_is_named(tmp_path):
     assert set(read) == set(written) and all(torch.equal(read[k], v) and read[k].dtype == v.dtype
                                              for k, v in written.items())
     assert all(tensor.data_ptr() % 16 == 0 for tensor in read.values())
+    assert read["w"].untyped_storage().data_ptr() == read["q"].untyped_storage().data_ptr()  # one buffer, no copy
+    assert json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]["w"] == "model-00001.safetensors"
     shard = tmp_path / "model-00001.safetensors"
     data = bytearray(shard.read_bytes())
     data[8:10] = b"[["  # the JSON header

@@ -2,6 +2,7 @@
 
 import json
 
+import bentoml
 import pytest
 
 from bench.report import LevelResult, batch_histogram, batches_between, percentile, usd_per_image
@@ -71,3 +72,10 @@ def test_run_against_a_tiny_server_writes_json_and_png(tiny_int8_tag, tmp_path):
     assert overhead["ratio"] > 0 and overhead["served_median_s"] - overhead["in_process_median_s"] == overhead["overhead_s"]
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "serving overhead" in result.stdout
+
+
+def test_cold_start_reports_the_load_over_cat(tiny_int8_tag):
+    folder = bentoml.models.get(tiny_int8_tag).path
+    result = run_module("bench.cold_start", folder)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "load now" in result.stdout and "x)" in result.stdout
