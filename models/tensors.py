@@ -19,7 +19,7 @@ INDEX = "model.safetensors.index.json"
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-ALIGNMENT = 64  # bytes; what the reader's buffers and the tensors in them are aligned to
+ALIGNMENT = 64  # bytes; where the writer starts every shard's data, so tensors can be used where they are mapped
 SHARD_BYTES = 256 << 20  # what a shard may hold: bounds the writer's memory, and lets the loader hash shards on all cores
 
 
@@ -96,7 +96,10 @@ class ShardWriter:
         if not tensors:
             return
         shard = f"{self.name}-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
-        save_file(tensors, self.folder / shard, metadata={"format": "pt"})
+        path = self.folder / shard
+        save_file(tensors, path, metadata={"format": "pt", "padding": ""})
+        if pad := -data_start(path) % ALIGNMENT:  # grow the header so the data starts on a 64-byte boundary
+            save_file(tensors, path, metadata={"format": "pt", "padding": " " * pad})  # (still in the page cache)
         self.weight_map.update(dict.fromkeys(tensors, shard))
         self.total += sum(_nbytes(t) for t in tensors.values())
         tensors.clear()
@@ -105,16 +108,16 @@ class ShardWriter:
 def read_shards(folder: Path, sha256s: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor a ShardWriter wrote in `folder`, checked against its index.
 
-    Each shard is read from disk once, into one buffer whose views become its tensors; with `sha256s`
-    (shard file name -> expected digest) the same buffer is hashed on other cores while the next shard is
-    read, and a mismatch is an error.
+    Each shard is mapped, and its tensors are views of the mapping (the writer aligns them), so each byte is
+    read from disk once and not copied; with `sha256s` (shard file name -> expected digest) the mapping is
+    hashed on other cores while the next shard's tensors are set up, and a mismatch is an error.
     """
     index = json.loads((folder / INDEX).read_text())["weight_map"]
     tensors: dict[str, torch.Tensor] = {}
     digests: dict[Path, Future] = {}
     with ThreadPoolExecutor(max_workers=2) as hashers:
         for path in sorted({folder / shard for shard in index.values()}):
-            buffer = read_file(path, aligned_at=data_start(path))  # aligned tensors need no copy
+            buffer = map_file(path)
             if sha256s is not None:
                 digests[path] = hashers.submit(sha256_buffer, buffer)
             try:
@@ -129,18 +132,10 @@ def read_shards(folder: Path, sha256s: dict[str, str] | None = None) -> dict[str
     return tensors
 
 
-def read_file(path: Path, aligned_at: int = 0) -> torch.Tensor:
-    """The file's bytes in one CPU buffer, read straight into it, with byte `aligned_at` 64-byte aligned."""
-    size, pad = path.stat().st_size, -aligned_at % ALIGNMENT
-    buffer = torch.empty(size + pad, dtype=torch.uint8)[pad:]  # CPU allocations are 64-byte aligned
-    view, done = memoryview(buffer.numpy()), 0
-    with path.open("rb", buffering=0) as handle:
-        while done < len(view):
-            read = handle.readinto(view[done:])
-            if not read:
-                raise ValueError(f"{path}: shorter than its size (changed while read)")
-            done += read
-    return buffer
+def map_file(path: Path) -> torch.Tensor:
+    """The file's bytes as a CPU tensor mapped from it, copy-on-write: pages come from disk once, uncopied."""
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
 def data_start(path: Path) -> int:
