@@ -8,7 +8,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from models.architecture import build_module, build_pipeline
-from models.artifact import ArtifactError, Component, load_module, load_pipeline, read_manifest
+from models.artifact import ArtifactError, Component, load_module, load_pipeline, read_manifest, sha256_file
 from models.source import Source
 from models.tensors import ShardWriter, read_shards
 from quantize.recipes import RECIPES, apply_recipe, quantize_model
@@ -145,6 +145,36 @@ def test_newer_schema_is_refused(artifact_copy):
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="schema version 99 is newer"):
         read_manifest(artifact_copy)
+
+
+def test_older_schema_and_unknown_files_are_refused(artifact_copy):
+    (artifact_copy / "transformer" / "stray.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(ArtifactError, match="transformer/stray.safetensors: not listed in the manifest"):
+        load_pipeline(artifact_copy)
+    (artifact_copy / "transformer" / "stray.safetensors").unlink()
+    manifest_path = artifact_copy / "manifest.json"
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "schema_version": 1}))
+    with pytest.raises(ArtifactError, match="schema version 1 is older than this reader .* quantize the checkpoint again"):
+        load_pipeline(artifact_copy)
+
+
+def bytes_read_by_this_process() -> int:
+    """`rchar`: bytes that went through read() calls, from the page cache or the disk."""
+    return int(dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())["rchar"])
+
+
+def test_shards_are_verified_from_their_mapping_and_never_read_twice(medium_source, tmp_path):
+    """Each shard's bytes are hashed and become tensors from one mapping: the loader reads() almost nothing,
+    where the previous loader read every byte to hash it and then loaded it again."""
+    entry = write_component(medium_source, "transformer", tmp_path, RECIPES["int8"], shard_bytes=128 << 20)
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    digests = {path.name: sha256_file(path) for path in shards}
+    component = Component(class_name="FluxTransformer2DModel", dtype="bfloat16", quantization=entry, bytes=0)
+    before = bytes_read_by_this_process()
+    load_module(FluxTransformer2DModel, tmp_path, component, digests)
+    assert bytes_read_by_this_process() - before < 0.01 * sum(path.stat().st_size for path in shards)
+    with pytest.raises(ArtifactError, match=f"{shards[0].name}: sha256 mismatch"):
+        load_module(FluxTransformer2DModel, tmp_path, component, {**digests, shards[0].name: "0" * 64})
 
 
 def test_manifest_records_provenance(tiny_source, artifact_copy):
