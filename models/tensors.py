@@ -100,6 +100,7 @@ class ShardWriter:
         save_file(tensors, path, metadata={"format": "pt", "padding": ""})
         if pad := -data_start(path) % ALIGNMENT:  # grow the header so the data starts on a 64-byte boundary
             save_file(tensors, path, metadata={"format": "pt", "padding": " " * pad})  # (still in the page cache)
+        sort_metadata(path)
         self.weight_map.update(dict.fromkeys(tensors, shard))
         self.total += sum(_nbytes(t) for t in tensors.values())
         tensors.clear()
@@ -136,6 +137,20 @@ def map_file(path: Path) -> torch.Tensor:
     """The file's bytes as a CPU tensor mapped from it, copy-on-write: pages come from disk once, uncopied."""
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
     return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
+def sort_metadata(path: Path) -> None:
+    """safetensors writes its metadata in a random order: rewrite the header, same length, with it sorted, so
+    the same tensors always give the same bytes."""
+    with path.open("r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))  # stays the first key
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > size:
+            raise ValueError(f"{path}: header grew when sorted ({len(text)} > {size} bytes)")
+        handle.seek(8)
+        handle.write(text.ljust(size))
 
 
 def data_start(path: Path) -> int:
