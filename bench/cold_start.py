@@ -48,17 +48,17 @@ def load_seconds(code: str, checkout: Path) -> float:
     return float(result.stdout.split()[-1])
 
 
-def loader_code(folder: Path, version: str) -> str:
+def loader_codes(folder: Path, versions: list[str]) -> dict[str, str]:
     if (folder / MANIFEST).is_file():
-        return LOAD_ARTIFACT.format(folder=str(folder))
+        return dict.fromkeys(versions, LOAD_ARTIFACT.format(folder=str(folder)))
     hashes = json.dumps({Path(path).name: digest for path, digest in hash_files(folder).items()})
-    return LOAD_SHARDS[version].format(folder=str(folder), hashes=hashes)
+    return {version: LOAD_SHARDS[version].format(folder=str(folder), hashes=hashes) for version in versions}
 
 
 def measure(folder: Path, before: Path | None) -> dict:
     files = sorted(str(path) for path in folder.rglob("*") if path.is_file())
     checkouts = {"now": REPO, **({"before": before} if before else {})}
-    codes = {version: loader_code(folder, version) for version in checkouts}
+    codes = loader_codes(folder, list(checkouts))
     figures = {"folder": str(folder), "bytes": sum(Path(path).stat().st_size for path in files)}
     figures["cache_dropped"] = drop_page_cache()
     started = time.perf_counter()

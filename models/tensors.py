@@ -1,8 +1,9 @@
 """safetensors read and written a tensor at a time, so a 24 GB checkpoint never sits in memory.
 
 Sources are read through `safe_open`, opened per read so that no file stays mapped; artifacts are
-written in shards of bounded size with an HF-style index (`model.safetensors.index.json`) and read back
-a shard at a time, straight into one buffer whose views are the tensors (each byte read from disk once).
+written in shards of bounded size with an HF-style index (`model.safetensors.index.json`), their data
+64-byte aligned, and read back by mapping each shard: the tensors are views of the mapping (each byte read
+from disk once, never copied).
 """
 
 import hashlib

@@ -31,14 +31,18 @@ def test_importing_the_service_reads_no_manifest_and_queries_no_gpu(tiny_int8_ta
     assert "imported ['generate_1024'" in result.stdout
 
 
-def test_a_bad_setting_is_named(monkeypatch):
-    monkeypatch.setenv("FLUX_MAX_BATCH_SIZE", "many")
+@pytest.fixture
+def uncached():
+    """settings() reads the environment again, and the next test's settings() too."""
     settings.cache_clear()
-    try:
-        with pytest.raises(SystemExit, match="FLUX_MAX_BATCH_SIZE: Input should be a valid integer"):
-            settings()
-    finally:
-        settings.cache_clear()
+    yield settings
+    settings.cache_clear()
+
+
+def test_a_bad_setting_is_named(monkeypatch, uncached):
+    monkeypatch.setenv("FLUX_MAX_BATCH_SIZE", "many")
+    with pytest.raises(SystemExit, match="FLUX_MAX_BATCH_SIZE: Input should be a valid integer"):
+        uncached()
 
 
 def test_per_bucket_latency_from_a_json_mapping(monkeypatch):
@@ -46,18 +50,14 @@ def test_per_bucket_latency_from_a_json_mapping(monkeypatch):
     assert (Settings().latency_ms(512), Settings().latency_ms(1024)) == (1000, 9000)
 
 
-def test_api_keys_from_a_list_and_a_file_and_a_missing_file_is_named(monkeypatch, tmp_path):
+def test_api_keys_from_a_list_and_a_file_and_a_missing_file_is_named(monkeypatch, tmp_path, uncached):
     (tmp_path / "keys").write_text("k3\n\n k4 \n")
     monkeypatch.setenv("FLUX_API_KEYS", " k1,k2 ,")
     monkeypatch.setenv("FLUX_API_KEYS_FILE", str(tmp_path / "keys"))
     assert Settings().accepted_keys() == ("k1", "k2", "k3", "k4")
     monkeypatch.setenv("FLUX_API_KEYS_FILE", str(tmp_path / "absent"))
-    settings.cache_clear()
-    try:
-        with pytest.raises(SystemExit, match="FLUX_API_KEYS_FILE: Path does not point to a file"):
-            settings()
-    finally:
-        settings.cache_clear()
+    with pytest.raises(SystemExit, match="FLUX_API_KEYS_FILE: Path does not point to a file"):
+        uncached()
 
 
 class Worker:
