@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 TINY := build/flux-tiny
 
-.PHONY: install demo test tiny bento bench clean
+.PHONY: install demo test tiny bento bench clean redis-server
 install: $(VENV)/installed
 
 # torch first, pinned: the CPU build from local disk on CPU machines, not a multi-GB CUDA build.
@@ -22,8 +22,14 @@ demo: tiny
 	$(PYTHON) -m quantize $(TINY) --recipe int4 --group-size 64  # tiny layers have 64 inputs
 	$(PYTHON) -m service.demo --out build/demo.png
 
-test: install
+test: install redis-server
 	$(PYTHON) -m pytest
+
+# The jobs tests run a real Redis: Debian's redis-server, installed here when missing (as root).
+redis-server:
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } || \
+	  { echo "missing redis-server: run 'apt-get install redis-server' as root" >&2; exit 1; }
 
 # A versioned GPU Bento for ARTIFACT and its exported build context (MODE=baked: model inside; slim: from S3).
 ARTIFACT ?= flux-tiny-int8:latest

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from service.fronts.stubs import messages, services
 from service.schema import GenerationRequest
 
 GRPC_FORMATS = {image_format: number for number, image_format in FORMATS.items()}
+FINISHED = ("succeeded", "failed", "cancelled")
+POLL_S = 0.5
 MAX_REPLY_MB = 64  # the server's FLUX_GRPC_MAX_SEND_MB default; gRPC's own 4 MB is less than a 2048² PNG
 
 
@@ -32,6 +35,36 @@ class FluxClient:
                                         response=response)
         return response.content
 
+    def _json(self, response: httpx.Response) -> dict:
+        if response.is_error:
+            raise httpx.HTTPStatusError(f"{response.status_code}: {response.text}", request=response.request,
+                                        response=response)
+        return response.json()
+
+    def submit_job(self, request: GenerationRequest, webhook: str | None = None, idempotency_key: str | None = None,
+                   wait_s: int = 0) -> dict:
+        """Queue a job (the server needs FLUX_JOBS_REDIS_URL); `wait_s`: answer once done, up to that long."""
+        headers = {"idempotency-key": idempotency_key} if idempotency_key else {}
+        if wait_s:
+            headers["prefer"] = f"wait={wait_s}"
+        body = request.model_dump(mode="json") | ({"webhook": webhook} if webhook else {})
+        return self._json(self.http.post("/v1/jobs", json=body, headers=headers))
+
+    def get_job(self, job_id: str) -> dict:
+        return self._json(self.http.get(f"/v1/jobs/{job_id}"))
+
+    def cancel_job(self, job_id: str) -> dict:
+        return self._json(self.http.post(f"/v1/jobs/{job_id}/cancel"))
+
+    def wait_job(self, job_id: str, timeout_s: float = 900, on_progress=None) -> dict:
+        """Poll until the job is finished; `on_progress(step, total)` on each look."""
+        deadline = time.monotonic() + timeout_s
+        while (job := self.get_job(job_id))["status"] not in FINISHED and time.monotonic() < deadline:
+            if on_progress:
+                on_progress(job["progress"]["step"], job["progress"]["total"])
+            time.sleep(POLL_S)
+        return job
+
 
 class FluxGrpcClient:
     """gRPC (flux.v1.TextToImage): raises grpc.RpcError with the status code and message."""
@@ -40,6 +73,7 @@ class FluxGrpcClient:
                  api_key: str | None = None) -> None:
         self.channel = grpc.insecure_channel(target, options=message_limits(4, max_reply_mb))
         self.stub = services.TextToImageStub(self.channel)
+        self.jobs = services.JobsStub(self.channel)
         self.metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
 
     @staticmethod
@@ -54,6 +88,21 @@ class FluxGrpcClient:
         """Progress events, then one event holding the result."""
         return self.stub.GenerateStream(self.message(request), timeout=timeout_s, metadata=self.metadata)
 
+    def submit_job(self, request: GenerationRequest, webhook: str = "", idempotency_key: str = ""):
+        message = messages.SubmitJobRequest(request=self.message(request), webhook=webhook,
+                                            idempotency_key=idempotency_key)
+        return self.jobs.SubmitJob(message, metadata=self.metadata)
+
+    def get_job(self, job_id: str):
+        return self.jobs.GetJob(messages.JobRef(id=job_id), metadata=self.metadata)
+
+    def cancel_job(self, job_id: str):
+        return self.jobs.CancelJob(messages.JobRef(id=job_id), metadata=self.metadata)
+
+    def watch_job(self, job_id: str) -> Iterator:
+        """The job at each change of status or step, until it is finished."""
+        return self.jobs.WatchJob(messages.JobRef(id=job_id), metadata=self.metadata)
+
 
 def stream_with_progress_bar(client: FluxGrpcClient, request: GenerationRequest) -> bytes:
     with Progress(transient=True) as progress:
@@ -66,12 +115,32 @@ def stream_with_progress_bar(client: FluxGrpcClient, request: GenerationRequest)
     raise RuntimeError("the stream ended without an image")
 
 
+def job_with_progress_bar(args, request: GenerationRequest) -> bytes:
+    """Submit a job, follow it (gRPC WatchJob, or HTTP polling), then fetch its result from its URL."""
+    with Progress(transient=True) as progress:
+        task = progress.add_task("job", total=request.steps)
+        if args.grpc:
+            client = FluxGrpcClient(args.target, api_key=args.api_key)
+            for job in client.watch_job(client.submit_job(request).id):
+                progress.update(task, completed=job.step)
+            url, error = job.result_url, job.error
+        else:
+            client = FluxClient(args.url, api_key=args.api_key)
+            job = client.wait_job(client.submit_job(request)["id"],
+                                  on_progress=lambda step, total: progress.update(task, completed=step))
+            url, error = (job["result"] or {}).get("url"), (job["error"] or {}).get("message")
+    if not url:
+        raise SystemExit(f"job failed: {error}")
+    return httpx.get(url, timeout=300).raise_for_status().content
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m service.client", description=__doc__)
     parser.add_argument("prompt")
     parser.add_argument("-o", "--out", type=Path, required=True, help="image file to write")
     parser.add_argument("--url", default="http://127.0.0.1:3000", help="HTTP base URL")
     parser.add_argument("--grpc", action="store_true", help="use gRPC (streaming, with a progress bar)")
+    parser.add_argument("--job", action="store_true", help="as an async job (the server needs a Redis)")
     parser.add_argument("--target", default="127.0.0.1:50051", help="gRPC host:port")
     parser.add_argument("--api-key", default=os.environ.get("FLUX_API_KEY"), help="bearer token (env FLUX_API_KEY)")
     for name, field in GenerationRequest.model_fields.items():
@@ -83,7 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     request = GenerationRequest(**{name: getattr(args, name) for name in GenerationRequest.model_fields})
-    if args.grpc:
+    if args.job:
+        image = job_with_progress_bar(args, request)
+    elif args.grpc:
         image = stream_with_progress_bar(FluxGrpcClient(args.target, api_key=args.api_key), request)
     else:
         image = FluxClient(args.url, api_key=args.api_key).txt2img(request)

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -77,3 +78,66 @@ def stop(process: subprocess.Popen, grace_s: float = 20) -> None:
     _, alive = psutil.wait_procs(tree, timeout=grace_s)
     for child in alive:
         child.kill()
+
+
+class LocalRedis:
+    """A redis-server of our own (Debian's package) on 127.0.0.1:`port`, persisting every write to an
+    append-only file in `folder`, so it can be stopped and started again without losing the queue."""
+
+    def __init__(self, folder: Path, port: int) -> None:
+        self.folder, self.port, self.process = folder, port, None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 20) -> None:
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+                   "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no"]
+        with (self.folder / "redis.log").open("ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ping = subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True)
+            if ping.stdout.strip() == "PONG":
+                return
+            time.sleep(0.1)
+        raise ServerFailed(f"redis-server not answering on {self.port}:\n{_log_tail(self.folder / 'redis.log')}")
+
+    def stop(self) -> None:
+        """SIGTERM: Redis flushes its append-only file and exits."""
+        self.process.terminate()
+        self.process.wait(30)
+
+
+@contextmanager
+def local_s3(bucket: str) -> Iterator[dict[str, str]]:
+    """A local S3 server (moto's server mode, a test dependency) with `bucket`; yields the AWS_* variables
+    that point boto3, s3fs and the service at it."""
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    variables = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    client = boto3.client("s3", endpoint_url=variables["AWS_ENDPOINT_URL"], aws_access_key_id="test",
+                          aws_secret_access_key="test", region_name="us-east-1")
+    try:
+        for _ in range(200):
+            try:
+                client.create_bucket(Bucket=bucket)
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                time.sleep(0.1)
+        yield variables
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -27,6 +27,16 @@ PROMPT_CACHE = bentoml.metrics.Counter(name="flux_prompt_cache", documentation="
                                        labelnames=["result"])
 BATCHES = bentoml.metrics.Counter(name="flux_batches", documentation="Batches run, by the protocols they mixed",
                                   labelnames=["protocols"])
+JOBS_WAITING = bentoml.metrics.Gauge(name="flux_jobs_waiting", documentation="Jobs in the stream no replica has "
+                                     "read yet (the stream's lag)", multiprocess_mode="mostrecent")
+JOBS_PENDING = bentoml.metrics.Gauge(name="flux_jobs_pending", documentation="Jobs read and not yet acknowledged, by "
+                                     "consumer (replica)", labelnames=["consumer"], multiprocess_mode="mostrecent")
+JOBS_RECLAIMED = bentoml.metrics.Counter(name="flux_jobs_reclaimed", documentation="Jobs taken over from a replica "
+                                         "that went silent")
+JOBS_FINISHED = bentoml.metrics.Counter(name="flux_jobs_finished", documentation="Jobs finished by this replica",
+                                        labelnames=["status"])
+WEBHOOK_FAILURES = bentoml.metrics.Counter(name="flux_webhook_failures", documentation="Webhook attempts that "
+                                           "failed, and webhooks given up", labelnames=["reason"])
 
 request_id: ContextVar[str] = ContextVar("request_id", default="")
 REQUEST_ID_HEADER = "x-request-id"

@@ -16,8 +16,10 @@ from models.artifact import load_pipeline
 from service.fronts.auth import BearerAuth
 from service.fronts.gateway import Gateway, Rejected
 from service.fronts.grpc_front import GrpcFront
-from service.fronts.openai_front import app as openai_app
+from service.fronts.grpc_jobs import Jobs
 from service.fronts.outcomes import http_status
+from service.fronts.v1 import app as v1_app
+from service.jobs.engine import JobEngine
 from service.observe import BATCHES, REQUEST_ID_HEADER, logger, new_request_id
 from service.runtime.board import Board
 from service.runtime.device import device_and_budget, device_responds, hold_to_budget
@@ -126,11 +128,11 @@ def http_answer(ctx: bentoml.Context, outcome: str, message: str, rid: str, fiel
     return JSONResponse({"error": message, "outcome": outcome, "detail": detail}, headers={REQUEST_ID_HEADER: rid})
 
 
-@bentoml.asgi_app(openai_app, path="/v1")
+@bentoml.asgi_app(v1_app, path="/v1")
 @bentoml.service(traffic={"timeout": 900, "max_concurrency": SETTINGS.max_in_flight})
 class Flux:
-    """POST /txt2img (JSON in, the worker's image bytes out), gRPC flux.v1.TextToImage, and OpenAI's
-    POST /v1/images/generations."""
+    """POST /txt2img (JSON in, the worker's image bytes out), gRPC flux.v1.TextToImage, OpenAI's
+    POST /v1/images/generations, and, with a Redis configured, jobs (/v1/jobs, gRPC flux.v1.Jobs)."""
 
     worker = bentoml.depends(FluxWorker)
 
@@ -138,12 +140,15 @@ class Flux:
     async def start(self) -> None:
         self.gateway = Gateway(self.worker)
         self.model = ARTIFACT.stored
-        self.grpc = GrpcFront(self.gateway, SETTINGS, API_KEYS)
+        self.jobs = JobEngine(SETTINGS, self.gateway) if SETTINGS.jobs_redis_url else None
+        self.grpc = GrpcFront(self.gateway, SETTINGS, API_KEYS, Jobs(self.jobs) if self.jobs else None)
         await self.grpc.start()
+        if self.jobs:
+            self.jobs.start()
 
     @bentoml.on_shutdown
     async def stop(self) -> None:
-        await self.grpc.stop()
+        await asyncio.gather(self.grpc.stop(), *([self.jobs.stop(SETTINGS.shutdown_grace_s)] if self.jobs else []))
 
     async def __is_ready__(self) -> bool:
         return self.gateway.limits is not None

@@ -4,7 +4,7 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, FilePath, ValidationError, field_validator
+from pydantic import Field, FilePath, RedisDsn, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 RESOLUTION_BUCKETS = (512, 768, 1024, 1536, 2048)  # one batching queue each; a request joins the smallest that holds it
@@ -34,11 +34,33 @@ class Settings(BaseSettings):
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="bearer tokens the APIs accept, comma-separated; none here or in the file: no auth")
     api_keys_file: FilePath | None = Field(None, description="more tokens, one per line (a mounted Secret)")
+    jobs_redis_url: RedisDsn | None = Field(None, description="Redis of the job queue; unset: no jobs API")
+    jobs_stream: str = Field("flux:jobs", min_length=1, description="the Redis Stream every replica pulls from")
+    jobs_in_flight: int = Field(8, ge=1, description="jobs one replica renders at once (it pulls no more)")
+    jobs_heartbeat_s: float = Field(30, gt=0, description="a job whose replica is silent this long is taken over")
+    jobs_max_deliveries: int = Field(3, ge=1, description="a job taken over more often than this fails")
+    jobs_retention_s: int = Field(86_400, ge=60, description="finished jobs' records expire after this long")
+    results_url: str | None = Field(None, pattern=r"^s3://[^/]+", description="s3://bucket/prefix for job results")
+    results_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2, GCS)")
+    results_url_ttl_s: int = Field(3600, ge=60, le=7 * 86_400, description="presigned result URLs expire after")
+    webhook_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="hosts or IP networks webhooks may be sent to, comma-separated; none: no webhooks")
+    webhook_secret: str | None = Field(None, min_length=16, description="HMAC-SHA256 key that signs webhooks")
+    webhook_attempts: int = Field(5, ge=1, le=20, description="deliveries tried before a webhook is given up")
+    webhook_backoff_s: float = Field(1.0, gt=0, description="wait before the 2nd attempt; doubles after each")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "webhook_hosts", mode="before")
     @classmethod
-    def split_keys(cls, value: str | tuple) -> tuple[str, ...]:
+    def split_list(cls, value: str | tuple) -> tuple[str, ...]:
         return tuple(key.strip() for key in value.split(",") if key.strip()) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def jobs_complete(self) -> "Settings":
+        if self.jobs_redis_url and not self.results_url:
+            raise ValueError("FLUX_JOBS_REDIS_URL needs FLUX_RESULTS_URL (s3://bucket/prefix) for the results")
+        if self.webhook_hosts and not self.webhook_secret:
+            raise ValueError("FLUX_WEBHOOK_HOSTS needs FLUX_WEBHOOK_SECRET to sign the webhooks")
+        return self
 
     def accepted_keys(self) -> tuple[str, ...]:
         """The tokens of FLUX_API_KEYS and of FLUX_API_KEYS_FILE."""
@@ -59,5 +81,6 @@ def settings() -> Settings:
     try:
         return Settings()
     except ValidationError as error:
-        problems = "; ".join(f"FLUX_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors())
+        problems = "; ".join(f"FLUX_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"] else e["msg"]
+                             for e in error.errors())
         raise SettingsError(f"invalid configuration: {problems}") from None

@@ -1,7 +1,6 @@
 """Shared fixtures: a private BentoML home, the tiny FLUX checkpoint, and its quantized artifacts."""
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from models.architecture import build_pipeline  # noqa: E402
+from service.launcher import free_port  # noqa: E402,F401 - tests import it from here
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,12 +25,6 @@ def run_module(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     """Run `python -m ...` from the repo root, as a user would."""
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=900)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

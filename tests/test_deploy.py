@@ -9,14 +9,13 @@ import subprocess
 import sys
 import tarfile
 
-import boto3
 import httpx
 import kubernetes_validate
 import pytest
 import yaml
 
 from service.client import FluxGrpcClient
-from service.launcher import REPO, running_server, start_server, stop, wait_ready
+from service.launcher import REPO, local_s3, running_server, start_server, stop, wait_ready
 from service.schema import GenerationRequest
 from service.settings import Settings
 from tests.conftest import free_port, private_home, run_module
@@ -82,24 +81,10 @@ def probe_paths(objects: list[dict]) -> set[str]:
 
 
 @pytest.fixture
-def s3(tmp_path):
+def s3():
     """A local S3 server (moto's server mode) with an empty bucket."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                   "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    client = boto3.client("s3", endpoint_url=credentials["AWS_ENDPOINT_URL"], aws_access_key_id="test",
-                          aws_secret_access_key="test", region_name="us-east-1")
-    for _ in range(100):
-        try:
-            client.create_bucket(Bucket="flux-artifacts")
-            break
-        except Exception:  # noqa: BLE001 - not listening yet
-            __import__("time").sleep(0.1)
-    yield credentials
-    server.terminate()
-    server.wait()
+    with local_s3("flux-artifacts") as variables:
+        yield variables
 
 
 def test_artifact_from_s3_init_container_then_serve(tiny_int8_tag, s3, tmp_path):

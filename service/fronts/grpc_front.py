@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from service.fronts.auth import GrpcBearerAuth
 from service.fronts.gateway import Gateway, Rejected
 from service.fronts.outcomes import grpc_code
-from service.fronts.stubs import SERVICE_NAME, messages, services
+from service.fronts.stubs import JOBS_SERVICE_NAME, SERVICE_NAME, messages, services
 from service.observe import REQUEST_ID_HEADER, new_request_id
 from service.runtime.result import Result
 from service.schema import GenerationRequest, ImageFormat, WorkItem
@@ -32,16 +32,22 @@ def describe(error: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
 
 
-def work_item(request, rid: str, context) -> WorkItem:
-    """The gRPC message as the worker's request; unset optional fields take the HTTP defaults."""
+def request_fields(request) -> dict:
+    """A GenerateRequest's fields the caller set (unset optional ones take the HTTP defaults)."""
     unknown = sorted({field.field_number for field in UnknownFieldSet(request)})
     if unknown:
         raise Rejected("refused", f"unknown fields (numbers {unknown}) in flux.v1.GenerateRequest")
     fields = {name: getattr(request, name) for name in GenerationRequest.model_fields
               if name not in ("format",) and (name == "prompt" or request.HasField(name))}
+    return fields | {"format": FORMATS[request.format]}
+
+
+def work_item(request, rid: str, context) -> WorkItem:
+    """The gRPC message as the worker's request."""
+    fields = request_fields(request)
     remaining = context.time_remaining()
     try:
-        return WorkItem(**fields, format=FORMATS[request.format], protocol="grpc", request_id=rid,
+        return WorkItem(**fields, protocol="grpc", request_id=rid,
                         arrived=time.time(), deadline=time.time() + remaining if remaining is not None else None)
     except ValidationError as error:
         raise Rejected("refused", describe(error)) from None
@@ -103,7 +109,9 @@ class TextToImage(services.TextToImageServicer):
 class GrpcFront:
     """The gRPC server beside BentoML's HTTP server: health follows readiness and shutdown."""
 
-    def __init__(self, gateway: Gateway, settings: Settings, api_keys: tuple[str, ...] = ()) -> None:
+    def __init__(self, gateway: Gateway, settings: Settings, api_keys: tuple[str, ...] = (),
+                 jobs: services.JobsServicer | None = None) -> None:
+        """`jobs`: the flux.v1.Jobs servicer, when the jobs API is on."""
         self.settings = settings
         self.server = grpc.aio.server(interceptors=[GrpcBearerAuth(api_keys)] if api_keys else [],
                                       options=[("grpc.so_reuseport", 0),
@@ -112,7 +120,11 @@ class GrpcFront:
         self.servicer = TextToImage(gateway, settings.max_in_flight)
         services.add_TextToImageServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        names = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        if jobs is not None:
+            services.add_JobsServicer_to_server(jobs, self.server)
+            names.append(JOBS_SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server)
         self.gateway, self.readiness = gateway, None
 
     async def start(self) -> None:

@@ -1,4 +1,4 @@
-"""OpenAI-compatible Images API (`POST /v1/images/generations`, `GET /v1/models`), mounted on the front.
+"""OpenAI-compatible Images API (`POST /v1/images/generations`, `GET /v1/models`), a router of the /v1 app.
 
 It only translates: an OpenAI request into the WorkItems of one call (image k with seed + k), the Results
 back into OpenAI's response, and every failure into OpenAI's error object, so SDK exceptions carry the
@@ -10,7 +10,7 @@ import time
 from typing import Annotated, Literal
 
 import bentoml
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -92,10 +92,9 @@ def images_response(results: list[Result], body: ImagesRequest) -> dict:
             "size": body.size}
 
 
-app = FastAPI(title="flux-serve OpenAI-compatible Images API")
+router = APIRouter()
 
 
-@app.exception_handler(RequestValidationError)
 async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0]
     field = next((str(part) for part in reversed(first["loc"]) if part != "body" and not isinstance(part, int)),
@@ -104,7 +103,17 @@ async def invalid_request(request: Request, error: RequestValidationError) -> JS
                        "invalid_value").response()
 
 
-@app.post("/images/generations")
+def as_openai_error(error: Rejected, param: str | None) -> OpenAIError:
+    """What the gateway refused, in OpenAI's shape: `code` is the outcome, `param` the field."""
+    return OpenAIError(http_status(error.outcome), error.message, param, error.outcome)
+
+
+async def rejected(request: Request, error: Rejected) -> JSONResponse:
+    """For the /v1 routes that take our own request fields (jobs): `param` is our field's name."""
+    return as_openai_error(error, error.field).response()
+
+
+@router.post("/images/generations")
 async def generate_images(body: ImagesRequest, request: Request) -> JSONResponse:
     rid = new_request_id(request.headers.get(REQUEST_ID_HEADER))
     gateway: Gateway = bentoml.get_current_service().gateway
@@ -113,8 +122,7 @@ async def generate_images(body: ImagesRequest, request: Request) -> JSONResponse
         results = await gateway.render_group(work_items(body, rid), caller_left=request.is_disconnected)
         return JSONResponse(images_response(results, body), headers={REQUEST_ID_HEADER: rid})
     except Rejected as error:
-        failure = OpenAIError(http_status(error.outcome), error.message, param_of(error.field), error.outcome)
-        return failure.response(rid)
+        return as_openai_error(error, param_of(error.field)).response(rid)
     except OpenAIError as error:
         return error.response(rid)
 
@@ -126,7 +134,7 @@ def check_model(name: str | None) -> None:
                           "model", "model_not_found")
 
 
-@app.get("/models")
+@router.get("/models")
 async def list_models() -> dict:
     model = served_model()
     created = int(model.info.creation_time.timestamp())

@@ -18,6 +18,9 @@ OUTCOMES: dict[str, tuple[int, grpc.StatusCode]] = {
     "queue_full": (HTTPStatus.SERVICE_UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED),  # queue would wait too long
     "timeout": (HTTPStatus.GATEWAY_TIMEOUT, grpc.StatusCode.DEADLINE_EXCEEDED),  # over the traffic timeout
     "error": (HTTPStatus.INTERNAL_SERVER_ERROR, grpc.StatusCode.INTERNAL),
+    "not_found": (HTTPStatus.NOT_FOUND, grpc.StatusCode.NOT_FOUND),  # no such job (or the jobs API is off)
+    "already_completed": (HTTPStatus.CONFLICT, grpc.StatusCode.FAILED_PRECONDITION),  # cancel of a finished job
+    "unavailable": (HTTPStatus.SERVICE_UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),  # the job queue is unreachable
 }
 _BY_WORKER_STATUS = {HTTPStatus.TOO_MANY_REQUESTS: "overloaded", HTTPStatus.SERVICE_UNAVAILABLE: "queue_full",
                      HTTPStatus.GATEWAY_TIMEOUT: "timeout"}

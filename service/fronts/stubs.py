@@ -12,3 +12,4 @@ if str(PROTO_ROOT) not in sys.path:
 
 messages, services = grpc.protos_and_services(PROTO_FILE)
 SERVICE_NAME = messages.DESCRIPTOR.services_by_name["TextToImage"].full_name  # "flux.v1.TextToImage"
+JOBS_SERVICE_NAME = messages.DESCRIPTOR.services_by_name["Jobs"].full_name

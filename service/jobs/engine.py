@@ -1,0 +1,105 @@
+"""The jobs API every front translates to (submit, look up, cancel, wait, watch), over the queue, the
+results store and the webhooks; it runs this replica's JobRunner."""
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from service.fronts.gateway import Gateway, Rejected
+from service.jobs.queue import JobQueue, QueueDown
+from service.jobs.records import Job, JobRequest
+from service.jobs.results import ResultStore, job_view
+from service.jobs.runner import JobRunner
+from service.jobs.webhooks import Webhooks
+from service.schema import Refused, WorkItem
+from service.settings import Settings
+
+WATCH_POLL_S = 0.2
+
+
+class JobEngine:
+    def __init__(self, settings: Settings, gateway: Gateway) -> None:
+        url = settings.jobs_redis_url
+        self.where = f"redis://{url.host}:{url.port or 6379}"  # for messages: no password
+        self.queue = JobQueue(str(url), settings.jobs_stream, f"{socket.gethostname()}-{os.getpid()}",
+                              settings.jobs_retention_s)
+        self.results = ResultStore(settings.results_url, settings.results_endpoint_url, settings.results_url_ttl_s)
+        self.webhooks = Webhooks(settings.webhook_hosts, settings.webhook_secret, settings.webhook_attempts,
+                                 settings.webhook_backoff_s)
+        self.gateway = gateway
+        self.runner = JobRunner(self.queue, self.results, self.webhooks, gateway, settings)
+
+    def start(self) -> None:
+        """Pull jobs once the worker serves."""
+        self._starting = asyncio.ensure_future(self._start_when_ready())
+
+    async def _start_when_ready(self) -> None:
+        await self.gateway.wait_for_worker()
+        self.runner.start()
+
+    async def stop(self, grace_s: float) -> None:
+        self._starting.cancel()
+        await self.runner.stop(grace_s)
+        await self.queue.close()
+
+    async def _redis(self, command):
+        try:
+            return await command
+        except QueueDown as error:
+            raise Rejected("unavailable", f"the job queue ({self.where}) is unreachable: {error}") from None
+
+    async def submit(self, request: JobRequest, idempotency_key: str | None = None) -> Job:
+        """Check the request as the synchronous path would, then queue it (or find the key's earlier job)."""
+        generation = request.generation()
+        try:
+            if request.webhook:
+                self.webhooks.check(str(request.webhook))
+        except Refused as error:
+            raise Rejected("refused", error.message, error.field) from None
+        self.gateway.check([WorkItem(**generation.model_dump())])
+        job = Job(id=uuid.uuid4().hex, request=generation, total=generation.steps,
+                  webhook=str(request.webhook or ""), webhook_events=request.webhook_events)
+        return await self._redis(self.queue.submit(job, idempotency_key))
+
+    async def get(self, job_id: str) -> Job:
+        job = await self._redis(self.queue.get(job_id))
+        if job is None:
+            raise Rejected("not_found", f"no job {job_id!r} (unknown, or expired after the retention)", "id")
+        return job
+
+    async def cancel(self, job_id: str) -> Job:
+        """A queued job is cancelled at once; a running one stops within a step; a finished one is refused."""
+        status = await self._redis(self.queue.cancel(job_id))
+        if status is None:
+            raise Rejected("not_found", f"no job {job_id!r}", "id")
+        job = await self.get(job_id)
+        if job.finished and status == job.status:
+            raise Rejected("already_completed", f"job {job_id} already completed: {job.status}")
+        return job
+
+    async def watch(self, job_id: str) -> AsyncIterator[Job]:
+        """The job each time its status or step changes, until it is finished."""
+        seen = None
+        while True:
+            job = await self.get(job_id)
+            if (job.status, job.step) != seen:
+                seen = (job.status, job.step)
+                yield job
+            if job.finished:
+                return
+            await asyncio.sleep(WATCH_POLL_S)
+
+    async def wait(self, job_id: str, timeout_s: float) -> Job:
+        """The job once finished, or as it is when `timeout_s` has passed."""
+        deadline = time.monotonic() + timeout_s
+        job = await self.get(job_id)
+        while not job.finished and time.monotonic() < deadline:
+            await asyncio.sleep(WATCH_POLL_S)
+            job = await self.get(job_id)
+        return job
+
+    async def view(self, job: Job) -> dict:
+        return await job_view(job, self.results)

@@ -1,0 +1,275 @@
+"""Async jobs on real servers: Redis (Debian's redis-server), a local S3 server (moto), `bentoml serve`
+replicas of the tiny int8 artifact, and a webhook receiver of our own."""
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+import httpx
+import psutil
+import pytest
+import redis
+
+from service.client import FluxClient, FluxGrpcClient
+from service.fronts.stubs import messages
+from service.launcher import LocalRedis, local_s3, start_server, stop, wait_ready
+from service.schema import GenerationRequest
+from tests.conftest import free_port, private_home
+
+SECRET = "test-webhook-secret-0123456789"
+SMALL = {"prompt": "a job", "width": 128, "height": 128, "steps": 2}
+SLOW = {"prompt": "a long job", "width": 1024, "height": 1024, "steps": 40}  # ~0.25 s a step on 2 cores
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+class Receiver(BaseHTTPRequestHandler):
+    """Records every webhook; answers 500 to the first `failures[path]` posts on a path."""
+
+    received: list[tuple[str, dict, bytes]] = []
+    failures: dict[str, int] = {}
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        self.received.append((self.path, dict(self.headers.items()), body))
+        failing = self.failures.get(self.path, 0)
+        self.failures[self.path] = failing - 1
+        self.send_response(500 if failing > 0 else 200)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory):
+    """Redis (append-only, fsync on every write) and S3 with a results bucket."""
+    queue = LocalRedis(tmp_path_factory.mktemp("redis"), free_port())
+    queue.start()
+    with local_s3("flux-results") as aws:
+        yield queue, aws
+    queue.stop()
+
+
+def replica_env(tiny_int8_tag: str, backends, folder, **extra: str) -> dict[str, str]:
+    queue, aws = backends
+    return {**aws, "FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
+            "FLUX_MAX_RESOLUTION": "1024", "FLUX_JOBS_REDIS_URL": queue.url,
+            "FLUX_RESULTS_URL": "s3://flux-results/jobs", "FLUX_WEBHOOK_HOSTS": "127.0.0.1",
+            "FLUX_WEBHOOK_SECRET": SECRET, "FLUX_WEBHOOK_BACKOFF_S": "0.2", "FLUX_JOBS_HEARTBEAT_S": "3",
+            **private_home(folder / "home"), **extra}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_int8_tag, backends, tmp_path_factory):
+    """One replica that renders one job at a time, so a second job stays queued."""
+    folder = tmp_path_factory.mktemp("jobs")
+    env = replica_env(tiny_int8_tag, backends, folder, FLUX_JOBS_IN_FLIGHT="1")
+    port = free_port()
+    process = start_server(port, folder / "server.log", env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, folder / "server.log", timeout_s=300)
+        yield url, env["FLUX_GRPC_ADDRESS"]
+    finally:
+        stop(process)
+
+
+def submit(url: str, body: dict, **headers: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/jobs", json=body, headers=headers, timeout=60)
+
+
+def until(url: str, job_id: str, done, timeout_s: float = 120) -> dict:
+    """Poll the job until `done(job)`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{url}/v1/jobs/{job_id}").json()
+        if done(job):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} still {job}")
+
+
+def finished(url: str, job_id: str, timeout_s: float = 120) -> dict:
+    return until(url, job_id, lambda job: job["status"] in FINISHED, timeout_s)
+
+
+def objects(aws: dict[str, str]) -> list[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], aws_access_key_id="test",
+                          aws_secret_access_key="test", region_name="us-east-1")
+    return [item["Key"] for item in client.list_objects_v2(Bucket="flux-results").get("Contents", [])]
+
+
+def test_a_jobs_result_is_the_synchronous_image(server):
+    url = server[0]
+    accepted = submit(url, {**SMALL, "seed": 7})
+    assert accepted.status_code == 202 and accepted.json()["status"] == "queued"
+    assert accepted.headers["location"] == f"/v1/jobs/{accepted.json()['id']}"
+    job = finished(url, accepted.json()["id"])
+    assert job["status"] == "succeeded" and job["progress"] == {"step": 2, "total": 2}
+    assert job["result"]["expires_at"] > time.time() + 600 and job["result"]["media_type"] == "image/png"
+    stored = httpx.get(job["result"]["url"]).content
+    direct = httpx.post(f"{url}/txt2img", json={**SMALL, "seed": 7}, timeout=60)
+    assert direct.status_code == 200 and stored == direct.content
+
+
+def test_prefer_wait_returns_the_finished_job(server):
+    answer = submit(server[0], SMALL, prefer="wait=30")
+    assert answer.status_code == 200 and answer.json()["status"] == "succeeded"
+
+
+def test_bad_requests_are_refused_naming_the_field(server):
+    url = server[0]
+    for body, field in [({**SMALL, "width": 100}, "width"), ({**SMALL, "sede": 1}, "sede"),
+                        ({**SMALL, "webhook": "http://example.com/hook"}, "webhook"),
+                        ({**SMALL, "webhook": "http://10.0.0.1/hook"}, "webhook"),
+                        ({**SMALL, "width": 2048}, "width")]:
+        answer = submit(url, body)
+        assert answer.status_code == 400, (body, answer.text)
+        assert answer.json()["error"]["param"] == field, answer.text
+    missing = httpx.get(f"{url}/v1/jobs/no-such-job")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert httpx.post(f"{url}/v1/jobs/no-such-job/cancel").status_code == 404
+
+
+def test_an_idempotency_key_gives_the_same_job(server):
+    url = server[0]
+    first = submit(url, SMALL, **{"idempotency-key": "order-42"}).json()
+    again = submit(url, {**SMALL, "seed": 5}, **{"idempotency-key": "order-42"}).json()
+    other = submit(url, SMALL, **{"idempotency-key": "order-43"}).json()
+    assert again["id"] == first["id"] != other["id"]
+    for job in (first, other):
+        assert finished(url, job["id"])["status"] == "succeeded"
+
+
+def test_cancel_a_queued_job_a_running_one_and_a_finished_one(server):
+    url = server[0]
+    running = submit(url, SLOW).json()["id"]
+    queued = submit(url, SMALL).json()["id"]
+    until(url, running, lambda job: job["status"] == "running" and job["progress"]["step"] >= 2)
+    assert httpx.get(f"{url}/v1/jobs/{queued}").json()["status"] == "queued"  # one job at a time
+    answer = httpx.post(f"{url}/v1/jobs/{queued}/cancel")
+    assert answer.status_code == 200 and answer.json()["status"] == "cancelled"
+    asked = time.monotonic()
+    answer = httpx.post(f"{url}/v1/jobs/{running}/cancel")
+    assert answer.status_code == 202 and answer.json()["status"] == "running"
+    job = finished(url, running)
+    stopped_s = time.monotonic() - asked
+    assert job["status"] == "cancelled" and job["error"]["outcome"] == "cancelled"
+    assert job["progress"]["step"] < SLOW["steps"] and stopped_s < 3, (job, stopped_s)  # a step is ~0.25 s
+    for job_id in (queued, running):
+        again = httpx.post(f"{url}/v1/jobs/{job_id}/cancel")
+        assert again.status_code == 409 and again.json()["error"]["code"] == "already_completed"
+    done = submit(url, SMALL, prefer="wait=30").json()
+    assert httpx.post(f"{url}/v1/jobs/{done['id']}/cancel").status_code == 409
+    assert finished(url, queued)["status"] == "cancelled"  # never rendered later
+
+
+def test_webhooks_are_signed_and_retried(server, receiver):
+    url = server[0]
+    Receiver.failures["/flaky"] = 2
+    job = submit(url, {**SMALL, "webhook": f"{receiver}/flaky", "webhook_events": ["started", "completed"]}).json()
+    assert finished(url, job["id"])["status"] == "succeeded"
+    deadline = time.monotonic() + 30
+    while len([r for r in Receiver.received if r[0] == "/flaky"]) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    calls = [(headers, body) for path, headers, body in Receiver.received if path == "/flaky"]
+    events = [json.loads(body)["event"] for _, body in calls]
+    assert events == ["started", "started", "started", "completed"], events  # 500, 500, then 200s
+    assert len({headers["flux-webhook-id"] for headers, body in calls if json.loads(body)["event"] == "completed"}) == 1
+    for headers, body in calls:
+        stamp, signature = (part.split("=", 1)[1] for part in headers["flux-signature"].split(","))
+        expected = hmac.new(SECRET.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(signature, expected) and abs(time.time() - int(stamp)) < 60
+    completed = json.loads(calls[-1][1])["job"]
+    assert completed["id"] == job["id"] and completed["status"] == "succeeded"
+    assert httpx.get(completed["result"]["url"]).content[:4] == b"\x89PNG"
+
+
+def test_jobs_over_grpc_and_the_python_client(server):
+    url, target = server
+    client = FluxGrpcClient(target)
+    request = GenerationRequest(**{**SMALL, "width": 512, "height": 512, "steps": 8}, seed=3)
+    job = client.submit_job(request)
+    assert job.status == messages.JOB_STATUS_QUEUED
+    states = [event.status for event in client.watch_job(job.id)]
+    assert states[-1] == messages.JOB_STATUS_SUCCEEDED and messages.JOB_STATUS_RUNNING in states
+    done = client.get_job(job.id)
+    assert httpx.get(done.result_url).content == FluxClient(url).txt2img(request)
+    with pytest.raises(grpc.RpcError) as refused:
+        client.cancel_job(job.id)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as unknown:
+        client.get_job("no-such-job")
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    over_http = FluxClient(url).wait_job(FluxClient(url).submit_job(GenerationRequest(**SMALL))["id"])
+    assert over_http["status"] == "succeeded"
+
+
+def test_jobs_queued_while_redis_is_down_are_not_lost(server, backends):
+    url, (queue, _) = server[0], backends
+    ids = [submit(url, {**SMALL, "steps": 6, "seed": seed}).json()["id"] for seed in range(3)]
+    queue.stop()
+    try:
+        refused = submit(url, SMALL)
+        assert refused.status_code == 503 and "job queue" in refused.json()["error"]["message"]
+        assert refused.json()["error"]["code"] == "unavailable"
+        time.sleep(2)
+    finally:
+        queue.start()
+    assert [finished(url, job_id)["status"] for job_id in ids] == ["succeeded"] * 3
+
+
+def test_a_replica_killed_mid_job_leaves_it_to_another(tiny_int8_tag, backends, tmp_path):
+    queue, aws = backends
+    replicas = []
+    for name in ("a", "b"):
+        port, folder = free_port(), tmp_path / name
+        folder.mkdir()
+        env = replica_env(tiny_int8_tag, backends, folder, FLUX_JOBS_STREAM="flux:jobs:pair")  # not the module's
+        process = start_server(port, folder / "server.log", env)
+        replicas.append((f"http://127.0.0.1:{port}", process, folder / "server.log"))
+    try:
+        for url, process, log in replicas:
+            wait_ready(url, process, log, timeout_s=300)
+        url = replicas[0][0]
+        job_id = submit(url, {**SLOW, "steps": 24}).json()["id"]
+        until(url, job_id, lambda job: job["status"] == "running" and job["progress"]["step"] >= 1)
+        store = redis.Redis.from_url(queue.url, decode_responses=True)
+        killed = store.hget(f"flux:job:{job_id}", "consumer")
+        consumer_pid = int(killed.rsplit("-", 1)[1])
+        rendering = next(r for r in replicas if consumer_pid in tree_pids(r[1].pid))
+        survivor = next(r for r in replicas if r is not rendering)
+        for pid in tree_pids(rendering[1].pid):
+            psutil.Process(pid).kill()
+        job = finished(survivor[0], job_id, timeout_s=180)
+        assert job["status"] == "succeeded", job
+        assert store.hget(f"flux:job:{job_id}", "consumer") not in ("", killed)
+        assert [key for key in objects(aws) if job_id in key] == [f"jobs/{job_id}.png"]
+        assert store.xpending("flux:jobs:pair", "flux")["pending"] == 0 and store.xlen("flux:jobs:pair") == 0
+        metrics = httpx.get(f"{survivor[0]}/metrics").text
+        assert "flux_jobs_reclaimed_total 1.0" in metrics
+    finally:
+        for _, process, _ in replicas:
+            stop(process)
+
+
+def tree_pids(pid: int) -> set[int]:
+    try:
+        parent = psutil.Process(pid)
+        return {pid} | {child.pid for child in parent.children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
