@@ -20,6 +20,7 @@ from service.fronts.grpc_jobs import Jobs
 from service.fronts.outcomes import http_status
 from service.fronts.v1 import app as v1_app
 from service.jobs.engine import JobEngine
+from service.jobs.results import ResultStore
 from service.observe import BATCHES, REQUEST_ID_HEADER, logger, new_request_id
 from service.runtime.board import Board
 from service.runtime.device import device_and_budget, device_responds, hold_to_budget
@@ -140,7 +141,9 @@ class Flux:
     async def start(self) -> None:
         self.gateway = Gateway(self.worker)
         self.model = ARTIFACT.stored
-        self.jobs = JobEngine(SETTINGS, self.gateway) if SETTINGS.jobs_redis_url else None
+        self.results = ResultStore(SETTINGS.results_url, SETTINGS.results_endpoint_url,
+                                   SETTINGS.results_url_ttl_s) if SETTINGS.results_url else None
+        self.jobs = JobEngine(SETTINGS, self.gateway, self.results) if SETTINGS.jobs_redis_url else None
         self.grpc = GrpcFront(self.gateway, SETTINGS, API_KEYS, Jobs(self.jobs) if self.jobs else None)
         await self.grpc.start()
         if self.jobs:

@@ -16,6 +16,7 @@ import redis
 
 from service.client import FluxClient, FluxGrpcClient
 from service.fronts.stubs import messages
+from service.jobs.records import Job
 from service.launcher import LocalRedis, local_s3, start_server, stop, wait_ready
 from service.schema import GenerationRequest
 from tests.conftest import free_port, private_home
@@ -233,6 +234,21 @@ def test_jobs_queued_while_redis_is_down_are_not_lost(server, backends):
     assert [finished(url, job_id)["status"] for job_id in ids] == ["succeeded"] * 3
 
 
+def test_a_job_taken_over_too_often_fails_with_the_reason(server, backends):
+    """A job whose replicas keep dying (it was delivered 6 times, the cap is 3) fails instead of killing the next."""
+    url, store = server[0], redis.Redis.from_url(backends[0].url, decode_responses=True)
+    job = Job(id="poisoned-job", request=GenerationRequest(**SMALL), total=2)
+    with store.pipeline(transaction=True) as pipe:  # a replica reads it and dies, before any other can read it
+        pipe.hset(f"flux:job:{job.id}", mapping=job.to_hash())
+        pipe.xadd("flux:jobs", {"job": job.id})
+        pipe.xreadgroup("flux", "replica-that-died", {"flux:jobs": ">"}, count=1)
+        entry = pipe.execute()[2][0][1][0][0]
+    store.xclaim("flux:jobs", "flux", "replica-that-died", 0, [entry], retrycount=5, justid=True)
+    failed = finished(url, job.id, timeout_s=60)
+    assert failed["status"] == "failed" and "6 deliveries" in failed["error"]["message"], failed
+    assert store.xpending("flux:jobs", "flux")["pending"] == 0
+
+
 def test_a_replica_killed_mid_job_leaves_it_to_another(tiny_int8_tag, backends, tmp_path):
     queue, aws = backends
     replicas = []
@@ -273,3 +289,14 @@ def tree_pids(pid: int) -> set[int]:
         return {pid} | {child.pid for child in parent.children(recursive=True)}
     except psutil.NoSuchProcess:
         return set()
+
+
+def test_openai_url_responses_come_from_the_results_store(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused")
+    images = client.images.generate(prompt="two foxes", n=2, size="128x128", response_format="url",
+                                    extra_body={"steps": 2, "seed": 11})
+    fetched = [httpx.get(image.url).content for image in images.data]
+    direct = httpx.post(f"{server[0]}/txt2img", json={**SMALL, "prompt": "two foxes", "seed": 12}, timeout=60).content
+    assert fetched[0][:4] == b"\x89PNG" and fetched[1] == direct and fetched[0] != fetched[1]

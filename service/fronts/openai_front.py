@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.fronts.gateway import Gateway, Rejected
 from service.fronts.outcomes import http_status
+from service.jobs.results import ResultStore
 from service.observe import REQUEST_ID_HEADER, new_request_id
 from service.runtime.result import Result
 from service.schema import MAX_PROMPT_CHARS, GenerationRequest, ImageFormat, WorkItem
@@ -66,9 +67,9 @@ def served_model() -> bentoml.models.Model:
 
 
 def work_items(body: ImagesRequest, rid: str) -> list[WorkItem]:
-    if body.response_format == "url":
-        raise OpenAIError(400, "response_format 'url' needs a results store; none is configured on this server",
-                          "response_format", "unsupported_value")
+    if body.response_format == "url" and bentoml.get_current_service().results is None:
+        raise OpenAIError(400, "response_format 'url' needs a results store (FLUX_RESULTS_URL); none is configured "
+                          "on this server", "response_format", "unsupported_value")
     width, height = map(int, body.size.split("x"))
     try:
         request = GenerationRequest(prompt=body.prompt, width=width, height=height, steps=body.steps,
@@ -83,11 +84,20 @@ def work_items(body: ImagesRequest, rid: str) -> list[WorkItem]:
             .model_copy(update={"seed": body.seed + k}) for k in range(body.n)]
 
 
-def images_response(results: list[Result], body: ImagesRequest) -> dict:
+async def image_data(results: list[Result], body: ImagesRequest, rid: str) -> list[dict]:
+    """Each image inline, or stored in the results store and handed out as a presigned URL."""
+    if body.response_format == "b64_json":
+        return [{"b64_json": base64.b64encode(result.image).decode()} for result in results]
+    store: ResultStore = bentoml.get_current_service().results
+    keys = [await store.put(f"openai/{rid}-{k}", result.image, result.media_type) for k, result in enumerate(results)]
+    return [{"url": (await store.presigned(key))[0]} for key in keys]
+
+
+async def images_response(results: list[Result], body: ImagesRequest, rid: str) -> dict:
     failed = next((result for result in results if not result.ok), None)
     if failed is not None:
         raise OpenAIError(http_status(failed.status), failed.message, None, failed.status)
-    data = [{"b64_json": base64.b64encode(result.image).decode()} for result in results]
+    data = await image_data(results, body, rid)
     return {"created": int(time.time()), "data": data, "output_format": body.output_format.value,
             "size": body.size}
 
@@ -120,7 +130,7 @@ async def generate_images(body: ImagesRequest, request: Request) -> JSONResponse
     try:
         check_model(body.model)
         results = await gateway.render_group(work_items(body, rid), caller_left=request.is_disconnected)
-        return JSONResponse(images_response(results, body), headers={REQUEST_ID_HEADER: rid})
+        return JSONResponse(await images_response(results, body, rid), headers={REQUEST_ID_HEADER: rid})
     except Rejected as error:
         return as_openai_error(error, param_of(error.field)).response(rid)
     except OpenAIError as error:

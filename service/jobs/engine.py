@@ -21,12 +21,12 @@ WATCH_POLL_S = 0.2
 
 
 class JobEngine:
-    def __init__(self, settings: Settings, gateway: Gateway) -> None:
+    def __init__(self, settings: Settings, gateway: Gateway, results: ResultStore) -> None:
         url = settings.jobs_redis_url
         self.where = f"redis://{url.host}:{url.port or 6379}"  # for messages: no password
         self.queue = JobQueue(str(url), settings.jobs_stream, f"{socket.gethostname()}-{os.getpid()}",
                               settings.jobs_retention_s)
-        self.results = ResultStore(settings.results_url, settings.results_endpoint_url, settings.results_url_ttl_s)
+        self.results = results
         self.webhooks = Webhooks(settings.webhook_hosts, settings.webhook_secret, settings.webhook_attempts,
                                  settings.webhook_backoff_s)
         self.gateway = gateway
