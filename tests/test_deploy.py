@@ -20,9 +20,10 @@ from service.schema import GenerationRequest
 from service.settings import Settings
 from tests.conftest import free_port, private_home, run_module
 
-OVERLAYS = ["baked", "artifact-from-s3"]
+OVERLAYS = ["baked", "artifact-from-s3", "jobs"]
 K8S_VERSION = "1.30.0"
 CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("keda.sh/v1alpha1", "ScaledObject")}
+OPTIONAL_CUSTOM_RESOURCES = {("keda.sh/v1alpha1", "TriggerAuthentication")}
 
 
 def render(overlay: str) -> list[dict]:
@@ -50,7 +51,7 @@ def test_overlay_objects_validate_against_kubernetes_schemas(overlay):
     assert {("apps/v1", "Deployment"), ("v1", "Service"), ("policy/v1", "PodDisruptionBudget")} <= kinds
     assert CUSTOM_RESOURCES <= kinds
     for obj in objects:
-        if (obj["apiVersion"], obj["kind"]) not in CUSTOM_RESOURCES:
+        if (obj["apiVersion"], obj["kind"]) not in CUSTOM_RESOURCES | OPTIONAL_CUSTOM_RESOURCES:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 
@@ -73,6 +74,31 @@ def test_manifests_match_the_service(overlay):
     assert main["image"].rsplit("/", 1)[-1].split(":")[0] == bento_name  # the image is the Bento's
     scaler = by_kind(objects, "ScaledObject")
     assert scaler["spec"]["scaleTargetRef"]["name"] == by_kind(objects, "Deployment")["metadata"]["name"]
+
+
+SECRET_STAND_INS = {"FLUX_JOBS_REDIS_URL": "redis://:password@redis:6379/0",
+                    "FLUX_WEBHOOK_SECRET": "a-webhook-secret-0123456789"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_manifests_environment_is_accepted_by_the_service(overlay, monkeypatch):
+    """The service reads its settings from the container's FLUX_* variables (values from Secrets stand in)."""
+    for item in container(render(overlay))["env"]:
+        if item["name"].startswith("FLUX_"):
+            monkeypatch.setenv(item["name"], item.get("value", SECRET_STAND_INS.get(item["name"], "")))
+    configured = Settings()
+    assert configured.artifact and configured.max_latency_ms
+    assert bool(configured.jobs_redis_url) == (overlay == "jobs")
+
+
+def test_the_jobs_trigger_reads_the_services_stream():
+    from service.jobs.queue import GROUP
+
+    objects = render("jobs")
+    trigger = next(t for t in by_kind(objects, "ScaledObject")["spec"]["triggers"] if t["type"] == "redis-streams")
+    assert trigger["metadata"]["stream"] == Settings.model_fields["jobs_stream"].default
+    assert trigger["metadata"]["consumerGroup"] == GROUP and int(trigger["metadata"]["lagCount"]) >= 1
+    assert trigger["authenticationRef"]["name"] == by_kind(objects, "TriggerAuthentication")["metadata"]["name"]
 
 
 def probe_paths(objects: list[dict]) -> set[str]:
