@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from bench.jobs import jobs_vs_sync, local_backends, print_jobs
 from bench.load import Unreachable, check_reachable, grpc_caller, http_caller, request_stream, run_level
 from bench.plot import plot_levels
 from bench.report import LevelResult, batch_histogram, batches_between
@@ -45,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overhead-size", type=int, default=1024, help="side of the overhead requests")
     parser.add_argument("--overhead-steps", type=int, default=4)
     parser.add_argument("--gpu-usd-per-hour", type=float, default=2.0, help="what one replica's GPU costs")
+    parser.add_argument("--jobs", action="store_true", help="compare the job queue with the synchronous path "
+                        "instead (with --serve: starts a local Redis and S3 server for it)")
+    parser.add_argument("--jobs-size", type=int, default=256)
+    parser.add_argument("--jobs-steps", type=int, default=4)
+    parser.add_argument("--jobs-concurrency", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("build/bench"))
     return parser.parse_args(argv)
 
@@ -110,7 +116,6 @@ def print_table(summaries: list[dict], overhead: dict) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     mix = json.loads(args.mix.read_text())
-    check_reachable(args.url)
     info = httpx.post(f"{args.url}/info", json={}, timeout=60).json()
     summaries = [level.summary(args.gpu_usd_per_hour) for level in sweep(args, mix)]
     overhead = serving_overhead(args, info["artifact"])
@@ -125,10 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         if args.serve:
-            args.url = stack.enter_context(running_server(
-                int(args.url.rsplit(":", 1)[1]), args.out / "server.log",
-                env={"FLUX_ARTIFACT": args.serve, "FLUX_GRPC_ADDRESS": args.grpc_target}))
+            env = {"FLUX_ARTIFACT": args.serve, "FLUX_GRPC_ADDRESS": args.grpc_target}
+            if args.jobs:
+                env |= local_backends(stack, args.out)
+            args.url = stack.enter_context(running_server(int(args.url.rsplit(":", 1)[1]), args.out / "server.log", env))
         try:
+            check_reachable(args.url)
+            if args.jobs:
+                report = jobs_vs_sync(args.url, args.jobs_size, args.jobs_steps, args.requests, args.jobs_concurrency,
+                                      args.gpu_usd_per_hour)
+                print_jobs(report)
+                (args.out / "bench-jobs.json").write_text(json.dumps(report, indent=2))
+                return 0
             report = run(args)
         except Unreachable as error:
             console.print(f"[red]error:[/red] {error}")

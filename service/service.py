@@ -69,7 +69,10 @@ ARTIFACT = artifact_reference(SETTINGS.artifact)
 
 
 # A thread per bucket's queue, so a waiting batch can be chosen by DeviceTurns (one runs at a time).
-@bentoml.service(traffic={"timeout": 900}, threads=len(RESOLUTION_BUCKETS))
+# The front's client to this worker replaces its session every 100 calls or 300 s by default and closes the
+# calls still in flight on it: never, here (a local socket has nothing to refresh).
+@bentoml.service(traffic={"timeout": 900}, threads=len(RESOLUTION_BUCKETS),
+                 runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0**9})
 class FluxWorker:
     """Loads one artifact, plans its placement, warms up, then renders batches."""
 

@@ -125,6 +125,21 @@ def test_info_answers_while_a_batch_runs(server):
     assert info_s < 1.0 and info["max_side"] == 1024
 
 
+def test_a_render_survives_many_calls_to_the_worker_beside_it(server):
+    """BentoML's client to the worker replaces its session every 100 calls by default, closing the calls still
+    in flight on it ("Server disconnected"); the front must not lose a render that way."""
+    url = server[0]
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(post, url, prompt="long", steps=48, **SLOW)
+        time.sleep(0.5)
+        calls = 0
+        while not running.done() and calls < 250:
+            assert httpx.post(f"{url}/info", json={}, timeout=60).status_code == 200
+            calls += 1
+        assert running.result().status_code == 200, f"after {calls} calls: {running.result().text}"
+        assert calls > 110, f"only {calls} calls beside the render: make it longer"
+
+
 def test_a_size_over_the_plan_is_a_400_naming_the_field_and_the_largest_side(server):
     response = post(server[0], prompt="too wide", width=1536, height=512, steps=1)
     assert response.status_code == 400
