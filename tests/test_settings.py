@@ -5,8 +5,9 @@ import asyncio
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
-import httpx
+import aiohttp
 import pytest
 
 from service.fronts.remote import call_worker
@@ -50,6 +51,21 @@ def test_per_bucket_latency_from_a_json_mapping(monkeypatch):
     assert (Settings().latency_ms(512), Settings().latency_ms(1024)) == (1000, 9000)
 
 
+def test_jobs_settings_that_cannot_work_are_named(monkeypatch, uncached):
+    monkeypatch.setenv("FLUX_JOBS_REDIS_URL", "redis://redis:6379/0")
+    with pytest.raises(SystemExit, match="FLUX_JOBS_REDIS_URL needs FLUX_RESULTS_URL"):
+        uncached()
+    monkeypatch.setenv("FLUX_RESULTS_URL", "https://not-s3/bucket")
+    with pytest.raises(SystemExit, match="FLUX_RESULTS_URL: String should match pattern"):
+        uncached()
+    monkeypatch.setenv("FLUX_RESULTS_URL", "s3://flux-results/jobs")
+    monkeypatch.setenv("FLUX_WEBHOOK_HOSTS", "hooks.example.com, 10.0.0.0/8")
+    with pytest.raises(SystemExit, match="FLUX_WEBHOOK_HOSTS needs FLUX_WEBHOOK_SECRET"):
+        uncached()
+    monkeypatch.setenv("FLUX_WEBHOOK_SECRET", "0123456789abcdef")
+    assert uncached().webhook_hosts == ("hooks.example.com", "10.0.0.0/8")
+
+
 def test_api_keys_from_a_list_and_a_file_and_a_missing_file_is_named(monkeypatch, tmp_path, uncached):
     (tmp_path / "keys").write_text("k3\n\n k4 \n")
     monkeypatch.setenv("FLUX_API_KEYS", " k1,k2 ,")
@@ -74,12 +90,15 @@ class Worker:
 
 
 def test_a_connection_that_was_never_made_is_retried_once():
-    worker = Worker(httpx.ConnectError("refused"))
+    """With the exceptions of the client BentoML really uses to call the worker (aiohttp)."""
+    refused = aiohttp.ClientConnectorError(SimpleNamespace(host="worker", port=0, ssl=None),
+                                           ConnectionRefusedError(111, "Connection refused"))
+    worker = Worker(refused)
     assert asyncio.run(call_worker(worker.generate)) == "image" and worker.calls == 2
 
 
 def test_a_request_the_worker_may_have_read_is_never_sent_twice():
-    worker = Worker(httpx.RemoteProtocolError("Server disconnected without sending a response."))
-    with pytest.raises(httpx.RemoteProtocolError):
+    worker = Worker(aiohttp.ServerDisconnectedError())
+    with pytest.raises(aiohttp.ServerDisconnectedError):
         asyncio.run(call_worker(worker.generate))
     assert worker.calls == 1

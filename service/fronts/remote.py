@@ -1,10 +1,10 @@
-"""Calling the batching worker from the fronts."""
+"""Calling the batching worker from the fronts (BentoML's client to it is aiohttp, over a local socket)."""
 
-import httpx
+import aiohttp
 
-# Raised before the request reached the worker: safe to send again. Anything later (the worker closed
-# the connection after reading the request) may mean the work is running, and is never retried.
-NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# Raised before the request reached the worker: safe to send again. Anything later (the worker closed the
+# connection after reading the request: "Server disconnected") may mean the work is running, and is never retried.
+NOT_SENT = (aiohttp.ClientConnectorError,)
 
 
 async def call_worker(method, *args, **kwargs):
