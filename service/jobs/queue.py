@@ -9,7 +9,9 @@ import time
 from dataclasses import dataclass
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
 from service.jobs.records import Job, JobStatus
 
@@ -49,7 +51,10 @@ class Delivery:
 
 class JobQueue:
     def __init__(self, url: str, stream: str, consumer: str, retention_s: int) -> None:
-        self.redis = redis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=10)
+        # A command on a connection Redis closed (it restarted) is sent again on a fresh one.
+        self.redis = redis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=10,
+                                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+                                    retry_on_error=[ConnectionError, TimeoutError], health_check_interval=5)
         self.stream, self.consumer, self.retention_s = stream, consumer, retention_s
         self._start, self._cancel = self.redis.register_script(START), self.redis.register_script(CANCEL)
 
