@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 TINY := build/flux-tiny
 
-.PHONY: install demo test tiny bento bench clean redis-server
+.PHONY: install demo test tiny bento bench clean redis-server container container-test container-tools
 install: $(VENV)/installed
 
 # torch first, pinned: the CPU build from local disk on CPU machines, not a multi-GB CUDA build.
@@ -36,6 +36,22 @@ ARTIFACT ?= flux-tiny-int8:latest
 MODE ?= baked
 bento: install
 	$(PYTHON) deploy/bento.py --artifact $(ARTIFACT) --mode $(MODE) --out build/bento-context-$(MODE).tar
+
+# The Bento's image built with podman on this machine (Debian base, CPU torch: deploy/container.py says what
+# differs from the GPU image), in both modes, then run as the Deployment runs it.
+container: install container-tools
+	$(PYTHON) -m models tiny --out $(TINY)
+	$(PYTHON) -m quantize $(TINY) --recipe int8
+	$(PYTHON) deploy/container.py --artifact $(ARTIFACT)
+
+container-test: container
+	$(PYTHON) -m pytest -m container tests/test_container.py
+
+container-tools:
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null && \
+	  command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap prometheus >/dev/null; } || \
+	  { echo "missing podman, runc, debootstrap or prometheus: apt-get install them as root" >&2; exit 1; }
 
 bench: install
 	$(PYTHON) -m bench --serve $(ARTIFACT) --out build/bench

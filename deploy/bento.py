@@ -59,7 +59,8 @@ def export_context(tag: str, out: Path, mode: str, artifact: str) -> None:
         out.rename(staged)
         with tarfile.open(staged) as source, tarfile.open(out, "w") as target:
             for member in source.getmembers():
-                if not member.name.lstrip("./").startswith("models"):
+                name = member.name.lstrip("./")
+                if name.rstrip("/") == "models" or not name.startswith("models"):  # the folder stays, empty
                     target.addfile(member, source.extractfile(member) if member.isfile() else None)
         staged.unlink()
 

@@ -157,6 +157,8 @@ def test_gpu_bento_build_context(tiny_int8_tag, tmp_path, mode):
     assert dockerfile.strip().splitlines()[-1] != "USER root"
     assert "USER bentoml" in dockerfile and "EXPOSE 3000" in dockerfile and "EXPOSE 50051" in dockerfile
     assert "ARG FLUX_ARTIFACT=\n" in dockerfile  # declared, no value baked in
+    layers = [dockerfile.index(copy) for copy in ("install.sh", "./models ./models/", "./src ./src/")]
+    assert layers == sorted(layers)  # packages, then the model, then the code: a code change leaves the model layer
     assert not any(secret.encode() in text for text in texts)
     for pin in ("torch==2.13.0", "diffusers==0.42.1", "optimum-quanto==0.2.7", "bentoml==1.4.40", "grpcio==1.85.1"):
         assert pin in lock.splitlines()
