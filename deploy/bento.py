@@ -33,7 +33,8 @@ def build(artifact: str) -> str:
     import bentoml as bentoml_sdk
 
     model = bentoml_sdk.models.get(artifact)
-    version = f"{git_revision()}-{model.tag.version}"
+    revision = git_revision()
+    version = f"{revision}-{model.tag.version}"
     labels = {"artifact": str(model.tag), **model.info.labels,
               "source_revision": str(model.info.metadata.get("source_revision", "unknown")).removeprefix("sha256:")[:63]}
     tag = f"flux-serve:{version}"
@@ -41,7 +42,7 @@ def build(artifact: str) -> str:
         existing = bentoml_sdk.get(tag)
     except bentoml_sdk.exceptions.NotFound:
         existing = None
-    if existing and not version.endswith("-dirty"):
+    if existing and not revision.endswith("-dirty"):
         return tag  # same source, same artifact: the same Bento
     if existing:
         bentoml_sdk.delete(tag)  # uncommitted changes: rebuild

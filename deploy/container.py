@@ -6,7 +6,9 @@ without a GPU or a registry forces changed, each by `for_this_machine`:
   instead of nvidia/cuda (no registry is reachable);
 - Python 3.11 from Debian instead of the deadsnakes PPA (Launchpad is not reachable; bookworm's Python is 3.11);
 - torch from the CPU wheel copied into the context instead of PyPI's CUDA build, and the CUDA libraries
-  (nvidia-*, cuda-*, triton) left out of the locked requirements.
+  (nvidia-*, cuda-*, triton) left out of the locked requirements;
+- the build trusts this machine's CA bundle (its HTTPS to PyPI goes through a proxy with its own CA), as
+  build arguments only: nothing of it is in the image's runtime environment.
 On a GPU builder: `docker build - < build/bento-context-baked.tar` builds the Dockerfile unchanged.
 """
 
@@ -31,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 BASE_IMAGE = "localhost/flux-debian-base:bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 PODMAN = ["podman", "--runtime", "runc"]  # crun cannot set rlimits in this machine's sandbox
+BUILD_CA, HOST_CA = "build-ca.crt", Path("/etc/ssl/certs/ca-certificates.crt")
 CUDA_PACKAGES = re.compile(r"^(nvidia-|cuda-|triton)", re.IGNORECASE)
 
 
@@ -67,7 +70,9 @@ def for_this_machine(dockerfile: str, wheel_name: str) -> str:
         r"RUN \\\n\s+set -eux && \\\n\s+apt-get install [^\n]*software-properties-common && \\\n(?:[^\n]*\n)*?"
         r"[^\n]*python3\.11 python3\.11-dev\n",
         "RUN apt-get install -y --no-install-recommends python3.11 python3.11-dev python3.11-venv python3-pip\n"
-        "ENV PIP_BREAK_SYSTEM_PACKAGES=1\n", dockerfile, count=1)
+        "ENV PIP_BREAK_SYSTEM_PACKAGES=1\n"
+        f"COPY {BUILD_CA} /tmp/{BUILD_CA}\nARG SSL_CERT_FILE=/tmp/{BUILD_CA}\nARG PIP_CERT=/tmp/{BUILD_CA}\n",
+        dockerfile, count=1)
     dockerfile, wheel = re.subn(r"^(COPY [^\n]* \./env/python \./env/python/\n)",
                                 rf"\1COPY {wheel_name} /tmp/wheels/{wheel_name}\n", dockerfile, count=1, flags=re.M)
     if (based, python, wheel) != (1, 1, 1):
@@ -94,6 +99,7 @@ def prepare_context(artifact: str, mode: str, folder: Path) -> str:
     archive.unlink()
     wheel = cpu_torch_wheel()
     shutil.copy(wheel, folder / wheel.name)
+    shutil.copy(HOST_CA, folder / BUILD_CA)
     dockerfile = folder / "env/docker/Dockerfile"
     dockerfile.write_text(for_this_machine(dockerfile.read_text(), wheel.name))
     lock = folder / "env/python/requirements.lock.txt"

@@ -5,6 +5,7 @@ writable mounts, the Deployment's environment; baked and from S3; scraped by a r
 import io
 import json
 import os
+import resource
 import shutil
 import subprocess
 import time
@@ -25,6 +26,9 @@ from tests.test_deploy import by_kind, container, render
 
 pytestmark = pytest.mark.container
 PODMAN = ["podman", "--runtime", "runc"]
+# This machine's sandbox refuses podman's default rlimits (nofile and nproc above the host's): the host's own.
+NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+LIMITS = ["--ulimit", f"nofile={NOFILE}:{NOFILE}", "--ulimit", "nproc=32768:32768"]
 IMAGES = json.loads((REPO / "build/container/images.json").read_text()) if (
     REPO / "build/container/images.json").exists() else {}
 SLOW = GenerationRequest(prompt="in flight", width=1024, height=1024, steps=24)
@@ -49,7 +53,7 @@ class Running:
         assert main["securityContext"]["readOnlyRootFilesystem"] is True
         self.name, self.started = name, time.monotonic()
         subprocess.run([*PODMAN, "rm", "-f", name], capture_output=True)
-        subprocess.run([*PODMAN, "run", "-d", "--name", name, "--network", "host", "--read-only",
+        subprocess.run([*PODMAN, "run", *LIMITS, "-d", "--name", name, "--network", "host", "--read-only",
                         "--user", f"{user['runAsUser']}:{user['runAsGroup']}", "--cap-drop", "ALL",
                         "--security-opt", "no-new-privileges", *mounts,
                         *[arg for key, value in env.items() for arg in ("-e", f"{key}={value}")], image],
@@ -133,7 +137,7 @@ def test_the_deployments_user_is_the_images_user():
     for image in (IMAGES["baked"], IMAGES["slim"]):
         user = subprocess.run([*PODMAN, "image", "inspect", "-f", "{{.Config.User}}", image], capture_output=True,
                               text=True, check=True).stdout.strip()
-        ids = subprocess.run([*PODMAN, "run", "--rm", "--entrypoint", "id", image], capture_output=True, text=True,
+        ids = subprocess.run([*PODMAN, "run", *LIMITS, "--rm", "--entrypoint", "id", image], capture_output=True, text=True,
                              check=True).stdout
         assert f"uid={pod['securityContext']['runAsUser']}({user})" in ids, ids
         assert f"gid={pod['securityContext']['runAsGroup']}({user})" in ids, ids
@@ -168,7 +172,7 @@ def test_slim_image_serves_the_artifact_its_init_container_imported_from_s3(tiny
         init_env = manifest_env(init, ARTIFACT_URL=url) | aws
         mounts = [arg for mount in init["volumeMounts"] for arg in Running._mount(mount, {"model-store": store})]
         imported = subprocess.run(
-            [*PODMAN, "run", "--rm", "--network", "host", "--read-only", "--cap-drop", "ALL",
+            [*PODMAN, "run", *LIMITS, "--rm", "--network", "host", "--read-only", "--cap-drop", "ALL",
              "--user", f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}", *mounts,
              *[arg for key, value in init_env.items() for arg in ("-e", f"{key}={value}")],
              "--entrypoint", command[0], IMAGES["slim"], *command[1:]], capture_output=True, text=True)
