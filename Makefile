@@ -37,12 +37,12 @@ MODE ?= baked
 bento: install
 	$(PYTHON) deploy/bento.py --artifact $(ARTIFACT) --mode $(MODE) --out build/bento-context-$(MODE).tar
 
-# The Bento's image built with podman on this machine (Debian base, CPU torch: deploy/container.py says what
-# differs from the GPU image), in both modes, then run as the Deployment runs it.
+# The Bento's image built with podman, in both modes (baked, slim): on this machine a Debian base and CPU torch
+# (deploy/container.py says what differs); CUDA=1 builds the GPU image unchanged. Then run as the Deployment runs it.
 container: install container-tools
 	$(PYTHON) -m models tiny --out $(TINY)
 	$(PYTHON) -m quantize $(TINY) --recipe int8
-	$(PYTHON) deploy/container.py --artifact $(ARTIFACT)
+	$(PYTHON) deploy/container.py --artifact $(ARTIFACT) $(if $(CUDA),--cuda)
 
 container-test: container
 	$(PYTHON) -m pytest -m container tests/test_container.py

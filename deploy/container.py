@@ -9,7 +9,8 @@ without a GPU or a registry forces changed, each by `for_this_machine`:
   (nvidia-*, cuda-*, triton) left out of the locked requirements;
 - the build trusts this machine's CA bundle (its HTTPS to PyPI goes through a proxy with its own CA), as
   build arguments only: nothing of it is in the image's runtime environment.
-On a GPU builder: `docker build - < build/bento-context-baked.tar` builds the Dockerfile unchanged.
+With `--cuda` (`make container CUDA=1`, on a builder that reaches Docker Hub and PyPI) none of this is changed:
+the image is the Bento's own, FROM nvidia/cuda, with PyPI's CUDA torch: the GPU image you push.
 """
 
 import argparse
@@ -87,8 +88,8 @@ def cpu_requirements(lock: str, wheel_name: str) -> str:
                      for line in lines) + "\n"
 
 
-def prepare_context(artifact: str, mode: str, folder: Path) -> str:
-    """The exported build context, adapted; returns the Bento's tag."""
+def prepare_context(artifact: str, mode: str, folder: Path, cuda: bool) -> str:
+    """The exported build context, adapted to this machine unless `cuda`; returns the Bento's tag."""
     tag = build_bento(artifact)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -97,6 +98,8 @@ def prepare_context(artifact: str, mode: str, folder: Path) -> str:
     with tarfile.open(archive) as context:
         context.extractall(folder, filter="tar")
     archive.unlink()
+    if cuda:
+        return tag
     wheel = cpu_torch_wheel()
     shutil.copy(wheel, folder / wheel.name)
     shutil.copy(HOST_CA, folder / BUILD_CA)
@@ -111,10 +114,10 @@ def image_name(tag: str, mode: str) -> str:
     return f"localhost/{tag.replace(':', ':' if mode == 'baked' else '-slim:', 1)}"
 
 
-def build_image(artifact: str, mode: str, out: Path) -> tuple[str, float]:
+def build_image(artifact: str, mode: str, out: Path, cuda: bool) -> tuple[str, float]:
     """The image of `mode`, and the seconds `podman build` took."""
     folder = out / f"context-{mode}"
-    image = image_name(prepare_context(artifact, mode, folder), mode)
+    image = image_name(prepare_context(artifact, mode, folder, cuda), mode)
     started = time.monotonic()
     podman("build", "--network", "host", "--layers", "-f", str(folder / "env/docker/Dockerfile"), "-t", image,
            str(folder))
@@ -131,16 +134,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", required=True, help="model-store tag the Bento serves")
     parser.add_argument("--modes", default="baked,slim", help="baked: the model inside; slim: from S3")
+    parser.add_argument("--cuda", action="store_true", help="the Bento's Dockerfile unchanged: the GPU image")
     parser.add_argument("--out", type=Path, default=REPO / "build/container")
     args = parser.parse_args()
-    base_s = ensure_base()
-    print(f"base image {BASE_IMAGE}: {'cached' if not base_s else f'built in {base_s:.0f} s'}", file=sys.stderr)
+    if not args.cuda:
+        base_s = ensure_base()
+        print(f"base image {BASE_IMAGE}: {'cached' if not base_s else f'built in {base_s:.0f} s'}", file=sys.stderr)
     import bentoml
 
     built = {"artifact": str(bentoml.models.get(args.artifact).tag),
              "bentoml_home": os.environ.get("BENTOML_HOME", str(Path.home() / "bentoml"))}
     for mode in args.modes.split(","):
-        built[mode], seconds = build_image(args.artifact, mode, args.out)
+        built[mode], seconds = build_image(args.artifact, mode, args.out, args.cuda)
         size = podman("image", "inspect", "-f", "{{.Size}}", built[mode], capture=True).stdout.strip()
         print(f"{built[mode]}: built in {seconds:.0f} s, {int(size) / 1e9:.2f} GB; layers:", file=sys.stderr)
         for layer_size, instruction in layer_sizes(built[mode]):
