@@ -1,6 +1,7 @@
 """Async jobs on real servers: Redis (Debian's redis-server), a local S3 server (moto), `bentoml serve`
 replicas of the tiny int8 artifact, and a webhook receiver of our own."""
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -13,13 +14,14 @@ import httpx
 import psutil
 import pytest
 import redis
+from PIL import Image
 
 from service.client import FluxClient, FluxGrpcClient
 from service.fronts.stubs import messages
 from service.jobs.records import Job
 from service.launcher import LocalRedis, local_s3, start_server, stop, wait_ready
 from service.schema import GenerationRequest
-from tests.conftest import free_port, private_home
+from tests.conftest import free_port, private_home, run_module
 
 SECRET = "test-webhook-secret-0123456789"
 SMALL = {"prompt": "a job", "width": 128, "height": 128, "steps": 2}
@@ -300,3 +302,41 @@ def test_openai_url_responses_come_from_the_results_store(server):
     fetched = [httpx.get(image.url).content for image in images.data]
     direct = httpx.post(f"{server[0]}/txt2img", json={**SMALL, "prompt": "two foxes", "seed": 12}, timeout=60).content
     assert fetched[0][:4] == b"\x89PNG" and fetched[1] == direct and fetched[0] != fetched[1]
+
+
+@pytest.mark.parametrize("redis_before_6_2", [False, True])
+def test_a_dead_consumers_entries_are_taken_over(backends, redis_before_6_2):
+    """Against the real Redis; for Redis < 6.2 (none here) XAUTOCLAIM answers as an older server would."""
+    from redis.exceptions import ResponseError
+
+    from service.jobs.queue import JobQueue
+
+    async def scenario() -> list:
+        stream = f"flux:jobs:takeover-{redis_before_6_2}"
+        dead, alive = (JobQueue(backends[0].url, stream, name, 60) for name in ("dead", "alive"))
+        await dead.create_group()
+        await dead.redis.xadd(stream, {"job": "job-1"})
+        assert [d.job_id for d in await dead.read(5, 100)] == ["job-1"]
+        if redis_before_6_2:
+            async def unknown(*args, **kwargs):
+                raise ResponseError("unknown command 'XAUTOCLAIM'")
+            alive.redis.xautoclaim = unknown
+        assert await alive.reclaim(idle_s=5, count=5) == []  # not idle long enough yet
+        await asyncio.sleep(0.3)
+        taken = await alive.reclaim(idle_s=0.2, count=5)
+        assert await alive.reclaim(idle_s=0.2, count=5) == []  # now fresh, held by alive
+        await dead.close()
+        await alive.close()
+        return taken
+
+    taken = asyncio.run(scenario())
+    assert [(d.job_id, d.deliveries) for d in taken] == [("job-1", 2)]
+
+
+@pytest.mark.parametrize("grpc_flag", [[], ["--grpc"]])
+def test_the_command_line_runs_a_job_and_writes_its_image(server, tmp_path, grpc_flag):
+    out = tmp_path / "job.png"
+    ran = run_module("service.client", "a job from the shell", "-o", str(out), "--job", *grpc_flag, "--url", server[0],
+                     "--target", server[1], "--width", "128", "--height", "128", "--steps", "2")
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert Image.open(out).size == (128, 128)

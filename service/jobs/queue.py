@@ -102,14 +102,26 @@ class JobQueue:
 
     async def reclaim(self, idle_s: float, count: int) -> list[Delivery]:
         """Entries other consumers left idle longer than `idle_s` (their replica died), now ours."""
-        _, claimed, _ = await self.call(self.redis.xautoclaim(self.stream, GROUP, self.consumer,
-                                                               int(idle_s * 1000), count=count))
+        idle_ms = int(idle_s * 1000)
+        try:
+            _, claimed, *_ = await self.call(self.redis.xautoclaim(self.stream, GROUP, self.consumer, idle_ms,
+                                                                    count=count))
+        except QueueDown as error:
+            if "unknown command" not in str(error).lower():
+                raise
+            claimed = await self._claim_idle(idle_ms, count)  # Redis < 6.2 has no XAUTOCLAIM
         deliveries = []
         for entry, fields in claimed:
             pending = await self.call(self.redis.xpending_range(self.stream, GROUP, entry, entry, 1))
             deliveries.append(Delivery(entry, (fields or {}).get("job", ""),
                                        pending[0]["times_delivered"] if pending else 1))
         return deliveries
+
+    async def _claim_idle(self, idle_ms: int, count: int) -> list:
+        """XAUTOCLAIM's work with XPENDING + XCLAIM (Redis 5.0 to 6.0)."""
+        pending = await self.call(self.redis.xpending_range(self.stream, GROUP, "-", "+", count * 10))
+        idle = [entry["message_id"] for entry in pending if entry["time_since_delivered"] >= idle_ms][:count]
+        return await self.call(self.redis.xclaim(self.stream, GROUP, self.consumer, idle_ms, idle)) if idle else []
 
     async def keep(self, entries: list[str]) -> None:
         """Reset our entries' idle time: we are alive and working on them."""
