@@ -97,7 +97,7 @@ class Running:
 def serve_env(main: dict, artifact: str, port: int, grpc_port: int, **extra: str) -> dict[str, str]:
     """The Deployment's variables; the artifact is the tiny one, ports are free host ports (host network)."""
     return manifest_env(main, FLUX_ARTIFACT=artifact, FLUX_GRPC_ADDRESS=f"0.0.0.0:{grpc_port}", PORT=str(port),
-                        FLUX_WARMUP_SIZE="256", **extra)
+                        **extra)
 
 
 def check_serves(url: str, grpc_target: str) -> None:
