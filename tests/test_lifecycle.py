@@ -165,6 +165,22 @@ def test_the_body_is_the_workers_bytes_unchanged(server, tiny_int8_tag):
         assert Image.open(io.BytesIO(response.content)).format == image_format.upper()
 
 
+@pytest.mark.parametrize("poisoned", ["transformer", "vae"])
+def test_inf_or_nan_gives_a_typed_failure_not_a_black_image(tiny_int8_tag, poisoned):
+    """An overflow (what fp16 does to T5 or the VAE on cards without bf16) poisons the latents or the decoded
+    image: the request fails as `non_finite`, and the next request still renders."""
+    pipe, _ = load_pipeline(bentoml.models.get(tiny_int8_tag).path)
+    renderer = Renderer(pipe, Placement.resident(torch.device("cpu")))
+    layer = pipe.transformer.proj_out if poisoned == "transformer" else pipe.vae.decoder.conv_out
+    healthy = layer.bias.data.clone()
+    layer.bias.data.fill_(float("nan"))
+    result = renderer.render([WorkItem(prompt="overflow", **SMALL)])[0]
+    assert result.status == "non_finite" and not result.image, result
+    assert ("latents" if poisoned == "transformer" else "decoded image") in result.message
+    layer.bias.data.copy_(healthy)
+    assert renderer.render([WorkItem(prompt="healthy again", **SMALL)])[0].ok
+
+
 def test_the_request_id_is_echoed_and_in_the_log_lines_of_front_and_worker(server):
     url, _, log = server
     response = post(url, prompt="traced", headers={"x-request-id": "trace-me-42"}, **SMALL)

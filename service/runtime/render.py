@@ -30,6 +30,16 @@ def group_by_shape(items: list[WorkItem]) -> dict[tuple, list[int]]:
     return groups
 
 
+class NonFinite(Exception):
+    """A stage produced inf or NaN: the image would be black or noise, so there is none."""
+
+
+def check_finite(tensor: torch.Tensor, stage: str) -> torch.Tensor:
+    if not torch.isfinite(tensor).all():
+        raise NonFinite(f"the {stage} held inf/NaN values (a numeric overflow, e.g. in fp16): no image returned")
+    return tensor
+
+
 def free_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -166,11 +176,13 @@ class Renderer:
         token = request_id.set(item.request_id)
         try:
             started = time.perf_counter()
-            image = self._decode(latents, item.height, item.width)
+            image = self._decode(check_finite(latents, "denoised latents"), item.height, item.width)
             clock.record("decode", started)
             started = time.perf_counter()
             encoded = encode_image(image, item.format, item.quality)
             clock.record("image_encode", started)
+        except NonFinite as error:
+            return failure(Status.non_finite, str(error))
         finally:
             request_id.reset(token)
         return Result(status=Status.ok, image=encoded, media_type=MEDIA_TYPES[item.format])
@@ -182,7 +194,7 @@ class Renderer:
         vae.enable_tiling() if self.placement.decode_tiled(max(height, width)) else vae.disable_tiling()
         latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
         latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
-        image = vae.decode(latents.to(vae.device), return_dict=False)[0]
+        image = check_finite(vae.decode(latents.to(vae.device), return_dict=False)[0], "decoded image")
         return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 

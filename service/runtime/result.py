@@ -10,6 +10,7 @@ class Status(StrEnum):
     cancelled = "cancelled"  # the caller left (disconnected, cancelled the call)
     does_not_fit = "does_not_fit"  # out of device memory even alone
     deadline = "deadline"  # the request's deadline passed before its image was ready
+    non_finite = "non_finite"  # the latents or the decoded image held inf/NaN (e.g. fp16 overflow): no black image
 
 
 class Result(BaseModel):
