@@ -2,7 +2,9 @@
 
 Writes a synthetic checkpoint in the diffusers sharded layout (random bf16 weights, the real 11.9 B
 parameter architecture, shard by shard), then streams it through `write_component` once per recipe,
-each in a fresh process, and prints wall time, peak RSS and artifact bytes against the bf16 bytes.
+each in a fresh process, and prints wall time, peak RSS and artifact bytes against the bf16 bytes. Peak RSS
+(the kernel's high-water mark) is split by sampling: anonymous memory (what the process allocated) and
+file-backed pages (mapped files it touched, which the kernel can drop and read again).
 """
 
 import argparse
@@ -22,14 +24,25 @@ from models.architecture import build_module
 from models.tensors import ShardWriter
 
 QUANTIZE = """
-import resource, sys
+import json, resource, sys, threading, time
 from pathlib import Path
 from models.source import Source
 from quantize.recipes import RECIPES
 from quantize.stream import write_component
+
+peaks = {"RssAnon": 0, "RssFile": 0, "RssShmem": 0}
+def sample():  # /proc/self/status every 20 ms: anonymous memory and mapped file pages, peak of each
+    while True:
+        for line in open("/proc/self/status"):
+            key, _, value = line.partition(":")
+            if key in peaks:
+                peaks[key] = max(peaks[key], int(value.split()[0]) * 1024)
+        time.sleep(0.02)
+threading.Thread(target=sample, daemon=True).start()
 source = Source(id=sys.argv[1], revision="synthetic", path=Path(sys.argv[1]))
 write_component(source, "transformer", Path(sys.argv[2]), RECIPES[sys.argv[3]])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # peak RSS, bytes
+print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "peak_anon_bytes": peaks["RssAnon"], "peak_file_bytes": peaks["RssFile"]}))
 """
 
 
@@ -55,9 +68,9 @@ def quantize_in_fresh_process(source: Path, out: Path, recipe: str) -> dict:
     run = subprocess.run([sys.executable, "-c", QUANTIZE, str(source), str(out), recipe], check=True,
                          capture_output=True, text=True)
     wall = time.perf_counter() - started
-    peak = int(run.stdout.split()[-1])
+    peaks = json.loads(run.stdout.splitlines()[-1])
     artifact = sum(path.stat().st_size for path in out.iterdir() if path.suffix == ".safetensors")
-    return {"recipe": recipe, "wall_s": round(wall, 1), "peak_rss_bytes": peak, "artifact_bytes": artifact}
+    return {"recipe": recipe, "wall_s": round(wall, 1), **peaks, "artifact_bytes": artifact}
 
 
 def main() -> None:
@@ -79,10 +92,11 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(out)
     table = Table(title="full FLUX.1-dev transformer, streamed")
-    for column in ("recipe", "wall", "peak RSS", "artifact bytes", "× bf16"):
+    for column in ("recipe", "wall", "peak RSS", "peak anon", "peak file-backed", "artifact bytes", "× bf16"):
         table.add_column(column, justify="right")
     for r in results:
-        table.add_row(r["recipe"], f"{r['wall_s']:.0f} s", f"{r['peak_rss_bytes'] / 1024**3:.2f} GiB",
+        table.add_row(r["recipe"], f"{r['wall_s']:.0f} s",
+                      *(f"{r[key] / 1024**3:.2f} GiB" for key in ("peak_rss_bytes", "peak_anon_bytes", "peak_file_bytes")),
                       f"{r['artifact_bytes']:,}", f"{r['artifact_bytes'] / bf16_bytes:.3f}")
     Console().print(table)
     if args.out:
