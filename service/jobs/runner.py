@@ -7,7 +7,7 @@ import time
 
 from service.fronts.gateway import Gateway, Rejected
 from service.jobs.queue import Delivery, JobQueue, QueueDown
-from service.jobs.records import Job, JobStatus
+from service.jobs.records import FINISHED, Job, JobStatus
 from service.jobs.results import ResultStore, job_view
 from service.jobs.webhooks import Webhooks
 from service.observe import JOBS_FINISHED, JOBS_PENDING, JOBS_RECLAIMED, JOBS_WAITING, logger, request_id
@@ -120,7 +120,7 @@ class JobRunner:
         """The job, marked running here; None when there is nothing to render (finished, cancelled while
         queued, expired, taken over too often)."""
         found = await self._retrying(self.queue.start, delivery.job_id)
-        if found is None or found in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled):
+        if found is None or found in FINISHED:
             return None
         if delivery.deliveries > self.max_deliveries:
             await self._retrying(self.queue.finish, delivery.job_id, JobStatus.failed, outcome="error",
