@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from service.launcher import free_port, start_server, stop, wait_ready
+from service.launcher import free_port, poll_ready, start_server, stop, wait_ready
 
 PODMAN = ["podman", "--runtime", "runc"]
 NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -28,18 +28,6 @@ def run_container(image: str, artifact: str, port: int) -> str:
                     "-e", f"FLUX_ARTIFACT={artifact}", "-e", f"PORT={port}", "-e",
                     f"FLUX_GRPC_ADDRESS=127.0.0.1:{free_port()}", image], check=True, capture_output=True)
     return name
-
-
-def wait_http(url: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    raise SystemExit(f"{url} not ready after {timeout_s} s")
 
 
 def latencies(url: str, body: dict, count: int) -> list[float]:
@@ -67,7 +55,7 @@ def main() -> None:
     port = free_port()
     name = run_container(args.image, args.artifact, port)
     try:
-        wait_http(f"http://127.0.0.1:{port}")
+        poll_ready(f"http://127.0.0.1:{port}", timeout_s=300)
         container = latencies(f"http://127.0.0.1:{port}", body, args.requests)
     finally:
         subprocess.run([*PODMAN, "rm", "-f", "-t", "0", name], capture_output=True)

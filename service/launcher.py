@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,18 +24,29 @@ def _log_tail(log: Path, lines: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ServerFailed(f"server exited with {process.returncode}:\n{_log_tail(log)}")
+def poll_ready(url: str, timeout_s: float, gone: Callable[[], str | None] = lambda: None) -> float:
+    """Seconds until `url`/readyz answers 200. ServerFailed when `gone()` names why the server is not running,
+    or when time runs out."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if (reason := gone()) is not None:
+            raise ServerFailed(reason)
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
+                return time.monotonic() - started
         except httpx.TransportError:
             pass
-        time.sleep(0.5)
-    raise ServerFailed(f"server not ready after {timeout_s:.0f} s:\n{_log_tail(log)}")
+        time.sleep(0.25)
+    raise ServerFailed(f"server not ready after {timeout_s:.0f} s")
+
+
+def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """`poll_ready` for a `start_server` process; a failure carries its log's tail."""
+    try:
+        poll_ready(url, timeout_s,
+                   lambda: None if process.poll() is None else f"server exited with {process.returncode}")
+    except ServerFailed as error:
+        raise ServerFailed(f"{error}:\n{_log_tail(log)}") from None
 
 
 def serve_command(port: int, target: str = "service.service:Flux") -> list[str]:

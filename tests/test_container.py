@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from service.client import FluxGrpcClient
-from service.launcher import REPO, local_s3
+from service.launcher import REPO, ServerFailed, local_s3, poll_ready
 from service.schema import GenerationRequest
 from tests.conftest import free_port, run_module
 from tests.test_deploy import by_kind, container, render
@@ -68,16 +68,11 @@ class Running:
 
     def wait_ready(self, url: str, timeout_s: float = 300) -> float:
         """Seconds from `podman run` to /readyz answering 200."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.state() == "running", self.logs()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    return time.monotonic() - self.started
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise AssertionError(f"not ready after {timeout_s} s:\n{self.logs()}")
+        try:
+            poll_ready(url, timeout_s, lambda: None if (state := self.state()) == "running" else f"container {state}")
+        except ServerFailed as error:
+            raise AssertionError(f"{error}\n{self.logs()}") from None
+        return time.monotonic() - self.started
 
     def state(self) -> str:
         return subprocess.run([*PODMAN, "inspect", "-f", "{{.State.Status}}", self.name], capture_output=True,
@@ -137,8 +132,8 @@ def test_the_deployments_user_is_the_images_user():
     for image in (IMAGES["baked"], IMAGES["slim"]):
         user = subprocess.run([*PODMAN, "image", "inspect", "-f", "{{.Config.User}}", image], capture_output=True,
                               text=True, check=True).stdout.strip()
-        ids = subprocess.run([*PODMAN, "run", *LIMITS, "--rm", "--entrypoint", "id", image], capture_output=True, text=True,
-                             check=True).stdout
+        ids = subprocess.run([*PODMAN, "run", *LIMITS, "--rm", "--entrypoint", "id", image], capture_output=True,
+                             text=True, check=True).stdout
         assert f"uid={pod['securityContext']['runAsUser']}({user})" in ids, ids
         assert f"gid={pod['securityContext']['runAsGroup']}({user})" in ids, ids
 

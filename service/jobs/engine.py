@@ -2,9 +2,9 @@
 results store and the webhooks; it runs this replica's JobRunner."""
 
 import asyncio
+import contextlib
 import os
 import socket
-import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -94,11 +94,11 @@ class JobEngine:
 
     async def wait(self, job_id: str, timeout_s: float) -> Job:
         """The job once finished, or as it is when `timeout_s` has passed."""
-        deadline = time.monotonic() + timeout_s
         job = await self.get(job_id)
-        while not job.finished and time.monotonic() < deadline:
-            await asyncio.sleep(WATCH_POLL_S)
-            job = await self.get(job_id)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                async for job in self.watch(job_id):
+                    pass
         return job
 
     async def view(self, job: Job) -> dict:
