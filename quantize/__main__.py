@@ -1,5 +1,7 @@
 """`python -m quantize SOURCE --recipe RECIPE [--name NAME]`: prints a size table, then the tag alone.
 
+`python -m quantize lora add FILE --name NAME --base ARTIFACT` stores a LoRA adapter (see quantize/lora.py).
+
 SOURCE is a diffusers FLUX folder, a Hugging Face repo id in the local cache, or the single-file
 `flux1-dev.safetensors` (with --base for the rest of the pipeline). Weights are streamed module by module.
 """
@@ -13,6 +15,7 @@ from rich.table import Table
 
 from models.sizes import expected_bytes
 from models.source import DEFAULT_BASE, SourceError, resolve_source
+from quantize import lora
 from quantize.recipes import RECIPES
 from quantize.store import Gate, InsufficientDisk, QualityGateFailed, StoredArtifact, quantize_to_store
 
@@ -84,6 +87,9 @@ def size_table(stored: StoredArtifact) -> Table:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lora"]:
+        return lora.main(argv[1:])
     args = parse_args(argv)
     if args.list_recipes:
         Console(width=140).print(recipe_table())

@@ -27,6 +27,10 @@ PROMPT_CACHE = bentoml.metrics.Counter(name="flux_prompt_cache", documentation="
                                        labelnames=["result"])
 BATCHES = bentoml.metrics.Counter(name="flux_batches", documentation="Batches run, by the protocols they mixed",
                                   labelnames=["protocols"])
+LORA_CACHE = bentoml.metrics.Counter(name="flux_lora_cache", documentation="LoRA adapter lookups in the device "
+                                     "cache, per batch", labelnames=["result"])
+LORA_LOAD_SECONDS = bentoml.metrics.Histogram(name="flux_lora_load_seconds", documentation="Reading an adapter from "
+                                              "the store onto the device (a cache miss)", buckets=_SECONDS)
 JOBS_WAITING = bentoml.metrics.Gauge(name="flux_jobs_waiting", documentation="Jobs in the stream no replica has "
                                      "read yet (the stream's lag)", multiprocess_mode="mostrecent")
 JOBS_PENDING = bentoml.metrics.Gauge(name="flux_jobs_pending", documentation="Jobs read and not yet acknowledged, by "

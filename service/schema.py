@@ -6,12 +6,24 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_PROMPT_CHARS = 2000  # T5 reads 512 tokens; longer prompts are refused, not silently cut
+MAX_LORAS = 8
 
 
 class ImageFormat(StrEnum):
     png = "png"
     jpeg = "jpeg"
     webp = "webp"
+
+
+class LoraWeight(BaseModel):
+    """One adapter of a request's LoRA stack."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$",
+                               description="adapter in the model store (`python -m quantize lora add`), "
+                               "NAME or NAME:VERSION; /info lists them")]
+    scale: Annotated[float, Field(ge=-4.0, le=4.0, description="strength: multiplies the adapter's update")] = 1.0
 
 
 class GenerationRequest(BaseModel):
@@ -26,6 +38,8 @@ class GenerationRequest(BaseModel):
     seed: Annotated[int, Field(ge=0, lt=2**63, description="Same seed, same image, alone or in a batch")] = 0
     format: Annotated[ImageFormat, Field(description="Encoding of the returned image")] = ImageFormat.png
     quality: Annotated[int, Field(ge=1, le=100, description="JPEG/WebP quality (ignored for PNG)")] = 90
+    loras: Annotated[list[LoraWeight], Field(max_length=MAX_LORAS, description="LoRA adapters applied together, in "
+                                             "order; requests with different stacks share batches")] = []
 
     @field_validator("prompt")
     @classmethod

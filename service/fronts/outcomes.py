@@ -13,7 +13,7 @@ OUTCOMES: dict[str, tuple[int, grpc.StatusCode]] = {
     Status.does_not_fit: (HTTPStatus.UNPROCESSABLE_ENTITY, grpc.StatusCode.FAILED_PRECONDITION),
     Status.deadline: (HTTPStatus.GATEWAY_TIMEOUT, grpc.StatusCode.DEADLINE_EXCEEDED),
     Status.non_finite: (HTTPStatus.INTERNAL_SERVER_ERROR, grpc.StatusCode.INTERNAL),
-    "refused": (HTTPStatus.BAD_REQUEST, grpc.StatusCode.INVALID_ARGUMENT),  # invalid, or over the plan's limits
+    Status.refused: (HTTPStatus.BAD_REQUEST, grpc.StatusCode.INVALID_ARGUMENT),  # invalid, or over the plan's limits
     "loading": (HTTPStatus.SERVICE_UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),  # the model is still loading
     "overloaded": (HTTPStatus.TOO_MANY_REQUESTS, grpc.StatusCode.RESOURCE_EXHAUSTED),  # over the in-flight limit
     "queue_full": (HTTPStatus.SERVICE_UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED),  # queue would wait too long

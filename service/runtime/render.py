@@ -8,13 +8,16 @@ runs out of memory is split in halves, after the failed attempt's tensors are re
 import gc
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 
 import torch
 from diffusers import FluxPipeline
 
 from models.architecture import decode_in_float32
+from models.lora import LoraError
 from service.observe import (CANCELLATIONS, OOM_SPLITS, PROMPT_CACHE, STAGE_SECONDS, STEPS_AFTER_CANCEL, logger,
                              request_id)
+from service.runtime.adapters import AdapterCache, stacks_applied
 from service.runtime.board import Board
 from service.runtime.imaging import MEDIA_TYPES, encode_image
 from service.runtime.placement import Placement
@@ -62,8 +65,9 @@ class Renderer:
     """Setup once (placement, prompt cache, board of cancellations and progress), render many batches."""
 
     def __init__(self, pipe: FluxPipeline, placement: Placement, cache: PromptCache | None = None,
-                 board: Board | None = None) -> None:
+                 board: Board | None = None, adapters: AdapterCache | None = None) -> None:
         self.pipe, self.placement, self.cache, self.board = pipe, placement, cache, board or Board()
+        self.adapters = adapters
         placement.apply(pipe)
         if placement.device.type == "cpu":
             decode_in_float32(pipe.vae)
@@ -75,7 +79,7 @@ class Renderer:
         for indices in group_by_shape(items).values():
             live = []
             for i in indices:
-                results[i] = self._left(items[i], "queued")
+                results[i] = self._left(items[i], "queued") or self._refusal(items[i])
                 live += [i] if results[i] is None else []
             size = self.placement.max_batch(items[indices[0]].side)
             pending = [live[start:start + size] for start in range(0, len(live), size)]
@@ -105,12 +109,23 @@ class Renderer:
             return failure(Status.deadline, f"deadline passed while {stage}")
         return None
 
+    def _refusal(self, item: WorkItem) -> Result | None:
+        """Why this deployment cannot run `item` as asked (a LoRA it does not have), else None."""
+        if not item.loras:
+            return None
+        if self.adapters is None:
+            return failure(Status.refused, "this deployment serves no LoRA adapters", field="loras")
+        return self.adapters.refusal(item)
+
     def _attempt(self, group: list[WorkItem]) -> list[Result] | None:
         """The group's results, or None when it ran out of device memory."""
         try:
             return self._render_group(group)
         except torch.OutOfMemoryError:
             logger.warning("out of memory at batch %d of %dx%d", len(group), group[0].width, group[0].height)
+        except LoraError as error:  # a stored adapter that fails its check: these items fail, the worker goes on
+            logger.error("%s", error)
+            return [failure(Status.error, f"a LoRA adapter of this batch could not be read: {error}")] * len(group)
         return None
 
     def _render_group(self, group: list[WorkItem]) -> list[Result]:
@@ -125,12 +140,13 @@ class Renderer:
             embeds, pooled = self._encode_text([item.prompt for item in group])
             clock.record("text_encode", started)
             started = time.perf_counter()
-            latents = self.pipe(
-                prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=height, width=width,
-                num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
-                generator=[torch.Generator(self.placement.device).manual_seed(item.seed) for item in group],
-                callback_on_step_end=self._step_callback(group),
-            ).images
+            with self._loras(group):
+                latents = self.pipe(
+                    prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=height, width=width,
+                    num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                    generator=[torch.Generator(self.placement.device).manual_seed(item.seed) for item in group],
+                    callback_on_step_end=self._step_callback(group),
+                ).images
             clock.record("denoise", started)
             results = [self._finish(item, latents[k:k + 1], clock) for k, item in enumerate(group)]
         finally:
@@ -138,6 +154,12 @@ class Renderer:
         for item, result in zip(group, results):
             result.timings_ms = {"queue_wait": queue_ms.get(item.request_id, 0.0), **clock.ms}
         return results
+
+    def _loras(self, group: list[WorkItem]):
+        """Each item's LoRA stack on the transformer for one pipeline call (nothing when none has one)."""
+        if not any(item.loras for item in group):
+            return nullcontext()
+        return stacks_applied(self.pipe.transformer, self.adapters.stacks(group))
 
     def _encode_text(self, prompts: list[str]):
         """Embeddings for the batch; the encoders (and the placement's moves for them) run only on a miss."""

@@ -10,6 +10,8 @@ class Status(StrEnum):
     cancelled = "cancelled"  # the caller left (disconnected, cancelled the call)
     does_not_fit = "does_not_fit"  # out of device memory even alone
     deadline = "deadline"  # the request's deadline passed before its image was ready
+    error = "error"  # the worker could not run it (e.g. a stored adapter failed its check); the message says why
+    refused = "refused"  # names something this deployment does not have (e.g. a LoRA adapter); `field` says what
     non_finite = "non_finite"  # the latents or the decoded image held inf/NaN (e.g. fp16 overflow): no black image
 
 
@@ -18,6 +20,7 @@ class Result(BaseModel):
     image: bytes = b""
     media_type: str = ""
     message: str = ""
+    field: str | None = None  # the request field a refusal is about, e.g. "loras[1].name"
     timings_ms: dict[str, float] = {}  # stage -> milliseconds spent on this request's pipeline call
 
     @property
@@ -25,5 +28,5 @@ class Result(BaseModel):
         return self.status is Status.ok
 
 
-def failure(status: Status, message: str) -> Result:
-    return Result(status=status, message=message)
+def failure(status: Status, message: str, field: str | None = None) -> Result:
+    return Result(status=status, message=message, field=field)

@@ -1,0 +1,109 @@
+"""LoRA stacks per request on any base (bf16, quanto, bitsandbytes), with different stacks in one batch.
+
+The base weights are never touched: for the length of one pipeline call, each Linear some item's stack
+targets gets a forward hook that adds, row by row, scale · B(A(x)) of every adapter in that row's stack,
+in the compute dtype and in stack order (as PEFT adds its active adapters). Rows are computed one at a time,
+so an image is the same alone or in any batch; a batch without LoRAs runs with no hook at all.
+Adapters live in a device-memory LRU bounded in bytes, read from the store on a miss.
+"""
+
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from models.lora import LoraError, LowRank, load_adapter
+from service.observe import LORA_CACHE, LORA_LOAD_SECONDS, logger
+from service.runtime.result import Result, Status, failure
+from service.schema import WorkItem
+
+Pairs = dict[str, LowRank]  # module name -> its low-rank pair
+Stack = list[tuple[Pairs, float]]  # (adapter, request scale) in the order the request lists them
+
+
+def pair_bytes(pairs: Pairs) -> int:
+    return sum(t.numel() * t.element_size() for pair in pairs.values() for t in (pair.down, pair.up))
+
+
+class AdapterCache:
+    """Adapters resident on the device, least recently used evicted first, within `max_bytes`. `find` gives
+    the stored folder of an adapter name (NAME: its latest version) or None; `names` what requests may use."""
+
+    def __init__(self, find: Callable[[str], Path | None], names: Callable[[], list[str]], max_bytes: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.find, self.names, self.max_bytes, self.device, self.dtype = find, names, max_bytes, device, dtype
+        self.entries: OrderedDict[Path, Pairs] = OrderedDict()  # by stored folder: a new version is a new entry
+        self.bytes = 0
+
+    def refusal(self, item: WorkItem) -> Result | None:
+        """Why `item`'s stack cannot run here (an adapter name this store does not have), else None."""
+        for index, lora in enumerate(item.loras):
+            if self.find(lora.name) is None:
+                return failure(Status.refused, f"no LoRA adapter {lora.name!r} for this artifact (available: "
+                               f"{', '.join(self.names()) or 'none'})", field=f"loras[{index}].name")
+        return None
+
+    def stacks(self, items: list[WorkItem]) -> list[Stack]:
+        """Each item's stack, its adapters on the device; others evicted as needed to stay within the bound."""
+        folders = {lora.name: self.find(lora.name) for item in items for lora in item.loras}
+        for name, folder in folders.items():
+            if folder is None:
+                raise LoraError(f"LoRA adapter {name!r} was removed from the store")
+            self._load(folder)
+        self._evict(keep=set(folders.values()))
+        return [[(self.entries[folders[lora.name]], lora.scale) for lora in item.loras] for item in items]
+
+    def _load(self, folder: Path) -> None:
+        if folder in self.entries:
+            LORA_CACHE.labels(result="hit").inc()
+            self.entries.move_to_end(folder)
+            return
+        LORA_CACHE.labels(result="miss").inc()
+        started = time.perf_counter()
+        _, pairs = load_adapter(folder)
+        self.entries[folder] = {module: LowRank(pair.down.to(self.device, self.dtype), pair.up.to(self.device, self.dtype),
+                                              pair.scale) for module, pair in pairs.items()}
+        self.bytes += pair_bytes(self.entries[folder])
+        LORA_LOAD_SECONDS.observe(time.perf_counter() - started)
+
+    def _evict(self, keep: set[Path]) -> None:
+        for name in [name for name in self.entries if name not in keep]:
+            if self.bytes <= self.max_bytes:
+                break
+            self.bytes -= pair_bytes(self.entries.pop(name))
+        if self.bytes > self.max_bytes:
+            logger.warning("one batch's LoRA adapters take %.0f MB, over FLUX_LORA_CACHE_MB (%.0f MB)",
+                           self.bytes / 2**20, self.max_bytes / 2**20)
+
+
+def add_low_rank(updates: list[tuple[int, LowRank, float]], module: torch.nn.Module, args: tuple,
+                 output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: row `row` of the output gains scale · B(A(x)) for each (row, pair, scale)."""
+    inputs = args[0]
+    for row, pair, scale in updates:
+        x = inputs[row:row + 1].to(pair.down.dtype)
+        output[row:row + 1] += (F.linear(F.linear(x, pair.down), pair.up) * scale).to(output.dtype)
+    return output
+
+
+@contextmanager
+def stacks_applied(transformer: torch.nn.Module, stacks: list[Stack]):
+    """`transformer` computes row i with stacks[i] added for the duration of the block."""
+    updates: dict[str, list] = defaultdict(list)
+    for row, stack in enumerate(stacks):
+        for pairs, weight in stack:
+            for module, pair in pairs.items():
+                updates[module].append((row, pair, weight * pair.scale))
+    handles = [transformer.get_submodule(module).register_forward_hook(partial(add_low_rank, rows))
+               for module, rows in updates.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
