@@ -166,7 +166,7 @@ def write_adapter(folder: Path, pairs: dict[str, LowRank], manifest: LoraManifes
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for module, pair in pairs.items():
-        tensors |= {f"{module}.lora_A": pair.down.contiguous(), f"{module}.lora_B": pair.up.contiguous()}
+        tensors |= {f"{module}.lora_A": pair.down.clone(), f"{module}.lora_B": pair.up.clone()}  # kohya shares A
     save_file(tensors, folder / ADAPTER_FILE)
     manifest = manifest.model_copy(update={"files": {ADAPTER_FILE: sha256_file(folder / ADAPTER_FILE)}})
     (folder / LORA_MANIFEST).write_text(manifest.model_dump_json(indent=2))

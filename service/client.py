@@ -12,7 +12,7 @@ from rich.progress import Progress
 
 from service.fronts.grpc_front import FORMATS, message_limits
 from service.fronts.stubs import messages, services
-from service.schema import GenerationRequest
+from service.schema import GenerationRequest, LoraWeight
 
 GRPC_FORMATS = {image_format: number for number, image_format in FORMATS.items()}
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -143,15 +143,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--job", action="store_true", help="as an async job (the server needs a Redis)")
     parser.add_argument("--target", default="127.0.0.1:50051", help="gRPC host:port")
     parser.add_argument("--api-key", default=os.environ.get("FLUX_API_KEY"), help="bearer token (env FLUX_API_KEY)")
+    parser.add_argument("--lora", action="append", default=[], type=lora_weight, metavar="NAME[=SCALE]",
+                        help="a LoRA adapter of the stack (repeat for more, in order); SCALE defaults to 1")
     for name, field in GenerationRequest.model_fields.items():
-        if name != "prompt":
+        if name not in ("prompt", "loras"):
             parser.add_argument(f"--{name}", type=field.annotation, default=field.default, help=field.description)
     return parser.parse_args(argv)
 
 
+def lora_weight(value: str) -> LoraWeight:
+    """`NAME[=SCALE]`, e.g. `brand-style=0.8` or `brand-style:v2`."""
+    name, _, scale = value.partition("=")
+    return LoraWeight(name=name, **({"scale": float(scale)} if scale else {}))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    request = GenerationRequest(**{name: getattr(args, name) for name in GenerationRequest.model_fields})
+    fields = {name: getattr(args, name) for name in GenerationRequest.model_fields if name != "loras"}
+    request = GenerationRequest(**fields, loras=args.lora)
     if args.job:
         image = job_with_progress_bar(args, request)
     elif args.grpc:

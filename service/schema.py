@@ -9,6 +9,11 @@ MAX_PROMPT_CHARS = 2000  # T5 reads 512 tokens; longer prompts are refused, not 
 MAX_LORAS = 8
 
 
+def field_path(location: tuple) -> str:
+    """A pydantic error location as the request spells it: ("loras", 1, "name") -> "loras[1].name"."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
+
+
 class ImageFormat(StrEnum):
     png = "png"
     jpeg = "jpeg"

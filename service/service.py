@@ -3,9 +3,11 @@ it over HTTP and gRPC. Nothing heavy happens at import: the artifact is read and
 the worker starts."""
 
 import asyncio
+import json
 import os
 import signal
 import time
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +15,7 @@ import bentoml
 from starlette.responses import JSONResponse, Response
 
 from models.artifact import load_pipeline
+from models.lora import architecture_id
 from service.fronts.auth import BearerAuth
 from service.fronts.gateway import Gateway, Rejected
 from service.fronts.grpc_front import GrpcFront
@@ -22,6 +25,7 @@ from service.fronts.v1 import app as v1_app
 from service.jobs.engine import JobEngine
 from service.jobs.results import ResultStore
 from service.observe import BATCHES, REQUEST_ID_HEADER, logger, new_request_id
+from service.runtime.adapters import AdapterCache
 from service.runtime.board import Board
 from service.runtime.device import device_and_budget, device_responds, hold_to_budget
 from service.runtime.placement import Placement, PlanError, plan_placement
@@ -46,6 +50,26 @@ def artifact_reference(tag: str) -> bentoml.models.BentoModel:
     return reference
 
 
+def lora_models(architecture: str) -> list[bentoml.models.Model]:
+    """Stored LoRA adapters checked against this architecture (`python -m quantize lora add`)."""
+    return [model for model in bentoml.models.list() if model.info.labels.get("kind") == "lora"
+            and model.info.labels.get("architecture") == architecture]
+
+
+def lora_folder(architecture: str, name: str) -> Path | None:
+    """The stored adapter `name` (NAME: its latest version) when it fits this architecture, else None."""
+    try:
+        model = bentoml.models.get(name)
+    except bentoml.exceptions.BentoMLException:
+        return None
+    labels = model.info.labels
+    return Path(model.path) if labels.get("kind") == "lora" and labels.get("architecture") == architecture else None
+
+
+def lora_names(architecture: str) -> list[str]:
+    return sorted({model.tag.name for model in lora_models(architecture)})
+
+
 def stop_server(message: str) -> None:
     """A configuration the worker cannot serve: stop the whole server (BentoML would restart the worker
     forever), with the reason in the log."""
@@ -66,6 +90,7 @@ def bucket_api(resolution: int):
 
 
 ARTIFACT = artifact_reference(SETTINGS.artifact)
+PACKED_LORAS = [artifact_reference(tag) for tag in SETTINGS.loras]  # travel in the Bento beside the artifact
 
 
 # A thread per bucket's queue, so a waiting batch can be chosen by DeviceTurns (one runs at a time).
@@ -82,8 +107,10 @@ class FluxWorker:
         self.device, budget = device_and_budget(SETTINGS.gpu_memory_gb)
         pipe, self.manifest = load_pipeline(Path(self.artifact.path))
         weights = {name: self.manifest.components[name].bytes for name in COMPONENTS}
+        lora_bytes = SETTINGS.lora_cache_mb * 2**20
         try:
-            self.plan = plan_placement(weights, budget, SETTINGS.max_resolution, SETTINGS.max_batch_size)
+            self.plan = plan_placement(weights, budget, SETTINGS.max_resolution, SETTINGS.max_batch_size,
+                                       reserved_bytes=lora_bytes)
         except PlanError as error:
             stop_server(f"{self.artifact.tag}: {error}")
         logger.info("placement for %s: %s", self.artifact.tag, self.plan.describe())
@@ -92,7 +119,11 @@ class FluxWorker:
                                  SETTINGS.prompt_cache_mb * 1024**2)
         self.board = Board()
         self.turns = DeviceTurns({bucket: SETTINGS.latency_ms(bucket) / 1000 for bucket in RESOLUTION_BUCKETS})
-        self.renderer = Renderer(pipe, Placement(self.plan, self.device), self.cache, self.board)
+        self.architecture = architecture_id(json.loads((Path(self.artifact.path) / "transformer" / "config.json")
+                                                       .read_text()))
+        self.adapters = AdapterCache(partial(lora_folder, self.architecture), partial(lora_names, self.architecture),
+                                     lora_bytes, self.device, pipe.transformer.dtype)
+        self.renderer = Renderer(pipe, Placement(self.plan, self.device), self.cache, self.board, self.adapters)
         side = min(SETTINGS.warmup_size, SETTINGS.max_resolution)
         self.renderer.render([WorkItem(prompt="warm-up", width=side, height=side, steps=SETTINGS.warmup_steps)])
         logger.info("serving %s (%s, %s)", self.artifact.tag, self.manifest.recipe, self.device)
@@ -120,8 +151,11 @@ class FluxWorker:
         """Async, so it answers while a batch runs in the worker's thread."""
         cache = {"entries": len(self.cache.entries), "bytes": self.cache.bytes, "hits": self.cache.hits,
                  "misses": self.cache.misses}
+        loras = {"architecture": self.architecture, "available": lora_names(self.architecture),
+                 "cached": len(self.adapters.entries), "cache_bytes": self.adapters.bytes,
+                 "cache_limit_bytes": self.adapters.max_bytes}
         return {"artifact": str(self.artifact.tag), "device": str(self.device), "placement": self.plan.describe(),
-                "max_side": SETTINGS.max_resolution, "prompt_cache": cache,
+                "max_side": SETTINGS.max_resolution, "prompt_cache": cache, "loras": loras,
                 **self.manifest.model_dump(exclude={"files"})}
 
 
@@ -171,7 +205,7 @@ class Flux:
         except Rejected as error:
             return http_answer(ctx, error.outcome, error.message, rid, error.field)
         if not result.ok:
-            return http_answer(ctx, result.status, result.message, rid)
+            return http_answer(ctx, result.status, result.message, rid, result.field)
         return Response(result.image, media_type=result.media_type, headers={REQUEST_ID_HEADER: rid})
 
     @bentoml.api(route="/info")
@@ -179,4 +213,5 @@ class Flux:
         return await self.gateway.info()
 
 
+FluxWorker.models.extend(PACKED_LORAS)
 Flux.add_asgi_middleware(BearerAuth, keys=API_KEYS)

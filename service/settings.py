@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     gpu_memory_gb: float | None = Field(None, gt=0, description="memory budget; default: the whole device")
     max_resolution: int = Field(2048, ge=64, le=RESOLUTION_BUCKETS[-1], description="largest side the plan must fit")
     prompt_cache_mb: int = Field(1024, ge=0, description="cached prompt embeddings, host memory")
+    lora_cache_mb: int = Field(512, ge=0, description="LoRA adapters kept in device memory (the plan reserves it)")
+    loras: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="adapter tags packed into the Bento at build, comma-separated (any stored adapter serves)")
     liveness_timeout_s: float = Field(10, gt=0, description="a device check slower than this fails /livez")
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="bearer tokens the APIs accept, comma-separated; none here or in the file: no auth")
@@ -49,7 +52,7 @@ class Settings(BaseSettings):
     webhook_attempts: int = Field(5, ge=1, le=20, description="deliveries tried before a webhook is given up")
     webhook_backoff_s: float = Field(1.0, gt=0, description="wait before the 2nd attempt; doubles after each")
 
-    @field_validator("api_keys", "webhook_hosts", mode="before")
+    @field_validator("api_keys", "webhook_hosts", "loras", mode="before")
     @classmethod
     def split_list(cls, value: str | tuple) -> tuple[str, ...]:
         return tuple(key.strip() for key in value.split(",") if key.strip()) if isinstance(value, str) else value

@@ -15,7 +15,7 @@ from service.fronts.outcomes import grpc_code
 from service.fronts.stubs import JOBS_SERVICE_NAME, SERVICE_NAME, messages, services
 from service.observe import REQUEST_ID_HEADER, new_request_id
 from service.runtime.result import Result
-from service.schema import GenerationRequest, ImageFormat, WorkItem
+from service.schema import GenerationRequest, ImageFormat, WorkItem, field_path
 from service.settings import Settings
 
 PROGRESS_POLL_S = 0.2
@@ -29,7 +29,7 @@ def message_limits(max_send_mb: int, max_receive_mb: int) -> list[tuple[str, int
 
 
 def describe(error: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+    return "; ".join(f"{field_path(e['loc'])}: {e['msg']}" for e in error.errors())
 
 
 def request_fields(request) -> dict:
@@ -38,8 +38,9 @@ def request_fields(request) -> dict:
     if unknown:
         raise Rejected("refused", f"unknown fields (numbers {unknown}) in flux.v1.GenerateRequest")
     fields = {name: getattr(request, name) for name in GenerationRequest.model_fields
-              if name not in ("format",) and (name == "prompt" or request.HasField(name))}
-    return fields | {"format": FORMATS[request.format]}
+              if name not in ("format", "loras") and (name == "prompt" or request.HasField(name))}
+    loras = [{"name": lora.name, **({"scale": lora.scale} if lora.HasField("scale") else {})} for lora in request.loras]
+    return fields | {"format": FORMATS[request.format], "loras": loras}
 
 
 def work_item(request, rid: str, context) -> WorkItem:
@@ -101,7 +102,7 @@ class TextToImage(services.TextToImageServicer):
     @staticmethod
     async def _reply(result: Result, item: WorkItem, started: float, context):
         if not result.ok:
-            await context.abort(grpc_code(result.status), result.message)
+            await context.abort(grpc_code(result.status), result.reason)
         timings = messages.Timings(total_ms=1000 * (time.perf_counter() - started), stages_ms=result.timings_ms)
         return messages.GenerateReply(image=result.image, mime_type=result.media_type, seed=item.seed, timings=timings)
 

@@ -20,7 +20,7 @@ from service.fronts.outcomes import http_status
 from service.jobs.results import ResultStore
 from service.observe import REQUEST_ID_HEADER, new_request_id
 from service.runtime.result import Result
-from service.schema import MAX_PROMPT_CHARS, GenerationRequest, ImageFormat, WorkItem
+from service.schema import MAX_LORAS, MAX_PROMPT_CHARS, GenerationRequest, ImageFormat, LoraWeight, WorkItem, field_path
 
 OWNER = "flux-serve"
 
@@ -41,6 +41,7 @@ class ImagesRequest(BaseModel):
     steps: Annotated[int, Field(ge=1, le=100, description="extension: denoising steps")] = 28
     guidance: Annotated[float, Field(ge=0.0, le=20.0, description="extension: guidance scale")] = 3.5
     seed: Annotated[int, Field(ge=0, lt=2**63, description="extension: seed of the first image")] = 0
+    loras: Annotated[list[LoraWeight], Field(max_length=MAX_LORAS, description="extension: LoRA stack")] = []
 
 
 class OpenAIError(Exception):
@@ -74,7 +75,7 @@ def work_items(body: ImagesRequest, rid: str) -> list[WorkItem]:
     try:
         request = GenerationRequest(prompt=body.prompt, width=width, height=height, steps=body.steps,
                                     guidance=body.guidance, seed=body.seed, format=body.output_format,
-                                    quality=body.output_compression)
+                                    quality=body.output_compression, loras=body.loras)
     except ValidationError as error:
         first = error.errors()[0]
         param = param_of(str(first["loc"][0]))
@@ -96,7 +97,7 @@ async def image_data(results: list[Result], body: ImagesRequest, rid: str) -> li
 async def images_response(results: list[Result], body: ImagesRequest, rid: str) -> dict:
     failed = next((result for result in results if not result.ok), None)
     if failed is not None:
-        raise OpenAIError(http_status(failed.status), failed.message, None, failed.status)
+        raise OpenAIError(http_status(failed.status), failed.reason, failed.field, failed.status)
     data = await image_data(results, body, rid)
     return {"created": int(time.time()), "data": data, "output_format": body.output_format.value,
             "size": body.size}
@@ -107,8 +108,7 @@ router = APIRouter()
 
 async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0]
-    field = next((str(part) for part in reversed(first["loc"]) if part != "body" and not isinstance(part, int)),
-                 None)
+    field = field_path(tuple(part for part in first["loc"] if part != "body")) or None
     return OpenAIError(400, f"{field}: {first['msg']}" if field else first["msg"], field,
                        "invalid_value").response()
 

@@ -152,7 +152,7 @@ class JobRunner:
         if result.status is Status.cancelled:
             return JobStatus.cancelled, {"outcome": result.status.value, "error": result.message}
         if not result.ok:
-            return JobStatus.failed, {"outcome": result.status.value, "error": result.message}
+            return JobStatus.failed, {"outcome": result.status.value, "error": result.reason}
         key = await self.results.put(job.id, result.image, result.media_type)
         return JobStatus.succeeded, {"result_key": key, "media_type": result.media_type, "step": job.total}
 

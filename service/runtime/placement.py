@@ -36,6 +36,7 @@ class Plan:
     vae_tiling_above: int | None  # resolution from which decoding is tiled; None: never
     max_batch: dict[int, int] = field(default_factory=dict)  # resolution -> largest safe batch
     peak_bytes: int = 0  # at the largest resolution and its batch
+    reserved_bytes: int = 0  # held back from the budget for the LoRA adapter cache
 
     def describe(self) -> dict:
         return asdict(self)
@@ -57,9 +58,10 @@ def peak(strategy: str, weights: dict[str, int], resolution: int, batch: int, ti
 
 
 def plan_placement(weights: dict[str, int], budget_bytes: int, max_resolution: int, max_batch: int,
-                   hidden: int = 3072) -> Plan:
-    """The cheapest strategy that renders `max_resolution` at batch 1, and its safe batch per resolution."""
-    usable = budget_bytes - SAFETY_MARGIN
+                   hidden: int = 3072, reserved_bytes: int = 0) -> Plan:
+    """The cheapest strategy that renders `max_resolution` at batch 1, and its safe batch per resolution,
+    with `reserved_bytes` (the LoRA cache) held back from the budget."""
+    usable = budget_bytes - SAFETY_MARGIN - reserved_bytes
     resolutions = sorted({r for r in RESOLUTIONS if r < max_resolution} | {max_resolution})
     for strategy in STRATEGIES:
         tiling_above = next((r for r in resolutions
@@ -71,11 +73,11 @@ def plan_placement(weights: dict[str, int], budget_bytes: int, max_resolution: i
         batches = {r: next(b for b in BATCH_SIZES if b <= max_batch and fits(r, b) or b == 1) for r in resolutions}
         top = resolutions[-1]
         return Plan(strategy, budget_bytes, tiling_above, batches,
-                    peak(strategy, weights, top, batches[top], tiling_above is not None, hidden))
-    needed = peak("sequential-offload", weights, resolutions[-1], 1, True, hidden) + SAFETY_MARGIN
+                    peak(strategy, weights, top, batches[top], tiling_above is not None, hidden), reserved_bytes)
+    needed = peak("sequential-offload", weights, resolutions[-1], 1, True, hidden) + SAFETY_MARGIN + reserved_bytes
     raise PlanError(f"{budget_bytes / GIB:.1f} GiB cannot render {max_resolution}² even with sequential offload "
-                    f"and VAE tiling (needs about {needed / GIB:.1f} GiB); lower FLUX_MAX_RESOLUTION or use a "
-                    f"smaller recipe")
+                    f"and VAE tiling (needs about {needed / GIB:.1f} GiB, {reserved_bytes / GIB:.1f} of them for the "
+                    f"LoRA cache); lower FLUX_MAX_RESOLUTION or FLUX_LORA_CACHE_MB, or use a smaller recipe")
 
 
 def move(module: torch.nn.Module, device: torch.device) -> None:

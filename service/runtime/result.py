@@ -24,6 +24,11 @@ class Result(BaseModel):
     timings_ms: dict[str, float] = {}  # stage -> milliseconds spent on this request's pipeline call
 
     @property
+    def reason(self) -> str:
+        """The message, led by the field it is about."""
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+    @property
     def ok(self) -> bool:
         return self.status is Status.ok
 
