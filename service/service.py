@@ -41,12 +41,12 @@ API_KEYS = SETTINGS.accepted_keys()
 COMPONENTS = ("transformer", "text_encoder_2", "text_encoder", "vae")
 
 
-def artifact_reference(tag: str) -> bentoml.models.BentoModel:
-    """The served artifact (a model-store lookup), so a wrong tag stops `serve` and `build` at once."""
+def artifact_reference(tag: str, variable: str = "FLUX_ARTIFACT") -> bentoml.models.BentoModel:
+    """A model the service references (a model-store lookup), so a wrong tag stops `serve` and `build` at once."""
     reference = bentoml.models.BentoModel(tag)
     if reference.stored is None:
         known = ", ".join(str(model.tag) for model in bentoml.models.list()) or "none"
-        raise SystemExit(f"FLUX_ARTIFACT={tag!r}: no such model in the BentoML store (have: {known})")
+        raise SystemExit(f"{variable}={tag!r}: no such model in the BentoML store (have: {known})")
     return reference
 
 
@@ -90,7 +90,7 @@ def bucket_api(resolution: int):
 
 
 ARTIFACT = artifact_reference(SETTINGS.artifact)
-PACKED_LORAS = [artifact_reference(tag) for tag in SETTINGS.loras]  # travel in the Bento beside the artifact
+PACKED_LORAS = [artifact_reference(tag, "FLUX_LORAS") for tag in SETTINGS.loras]  # travel in the Bento beside the artifact
 
 
 # A thread per bucket's queue, so a waiting batch can be chosen by DeviceTurns (one runs at a time).

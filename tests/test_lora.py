@@ -365,3 +365,23 @@ def test_grpc_and_the_cli_carry_the_stack(lora_server, tmp_path):
     assert cli.returncode == 0, cli.stderr
     assert out.read_bytes() == over_http
     assert Image.open(io.BytesIO(over_http)).size == (128, 128)
+
+
+def test_adapters_travel_in_the_bento_and_through_export_and_import(tiny_int8_tag, tiny_loras, tmp_path):
+    built = run_module("bentoml", "build", ".", "--output", "tag",
+                       env={"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_LORAS": "tiny-a,tiny-b"})
+    assert built.returncode == 0, built.stderr
+    tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    bento = json.loads(run_module("bentoml", "get", tag, "-o", "json").stdout)
+    worker = next(service for service in bento["services"] if service["name"] == "FluxWorker")
+    assert [model["tag"] for model in worker["models"]] == [
+        tiny_int8_tag, str(bentoml.models.get("tiny-a").tag), str(bentoml.models.get("tiny-b").tag)]
+    wrong = run_module("bentoml", "build", ".", env={"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_LORAS": "nope"})
+    assert wrong.returncode != 0 and "FLUX_LORAS='nope': no such model" in wrong.stderr
+    exported = tmp_path / "tiny-c.bentomodel.tar"
+    tiny_c = str(bentoml.models.get("tiny-c").tag)
+    bentoml.models.export_model(tiny_c, str(exported))
+    bentoml.models.delete(tiny_c)
+    bentoml.models.import_model(str(exported))
+    manifest, pairs = load_adapter(stored("tiny-c"))
+    assert manifest.rank == 16 and pairs
