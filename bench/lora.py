@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from models.architecture import build_pipeline
-from models.lora import LoraManifest, read_lora_file, write_adapter
+from models.lora import describe_pairs, read_lora_file, write_adapter
 from models.random_lora import write_diffusers_lora
 from quantize.recipes import RECIPES, apply_recipe
 from service.runtime.adapters import AdapterCache, stacks_applied
@@ -40,10 +40,7 @@ def make_adapters(folder: Path, transformer: torch.nn.Module, rank: int) -> dict
         name = f"r{rank}-{index}"
         file = write_diffusers_lora(folder / f"{name}.safetensors", transformer, rank, seed=index, strength=0.5)
         pairs, layout, _ = read_lora_file(file, transformer)
-        manifest = LoraManifest(architecture="bench", source_file=file.name, source_sha256="", layout=layout,
-                                dtype="bfloat16", rank=rank, files={},
-                                targets={m: {"rank": rank, "scale": p.scale} for m, p in pairs.items()})
-        write_adapter(folder / name, pairs, manifest)
+        write_adapter(folder / name, pairs, describe_pairs(pairs, "bench", file, layout))
         adapters[name] = folder / name
     return adapters
 

@@ -161,6 +161,17 @@ def read_lora_file(path: Path, transformer: torch.nn.Module, drop_text_encoder: 
     return pairs, detect_layout(keys), dropped
 
 
+def describe_pairs(pairs: dict[str, LowRank], architecture: str, source: Path, layout: str,
+                   dropped: int = 0) -> LoraManifest:
+    """The manifest of `pairs` read from `source`; `write_adapter` fills in the stored file's sha256."""
+    dtypes = {str(pair.down.dtype).removeprefix("torch.") for pair in pairs.values()}
+    return LoraManifest(
+        architecture=architecture, source_file=source.name, source_sha256=sha256_file(source), layout=layout,
+        dtype=dtypes.pop() if len(dtypes) == 1 else "mixed", rank=max(p.down.shape[0] for p in pairs.values()),
+        targets={module: Target(rank=pair.down.shape[0], scale=pair.scale) for module, pair in pairs.items()},
+        text_encoder_tensors_dropped=dropped, files={})
+
+
 def write_adapter(folder: Path, pairs: dict[str, LowRank], manifest: LoraManifest) -> LoraManifest:
     """The adapter folder: the pairs, then the manifest with their sha256 (written last: its presence means done)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,8 @@ import bentoml
 from diffusers import FluxTransformer2DModel
 from rich.console import Console
 
-from models.artifact import empty_model, sha256_file
-from models.lora import LoraError, LoraManifest, architecture_id, read_lora_file, write_adapter
+from models.artifact import empty_model
+from models.lora import LoraError, LoraManifest, architecture_id, describe_pairs, read_lora_file, write_adapter
 
 
 def add_lora(path: Path, name: str, base_tag: str, drop_text_encoder: bool = False) -> tuple[str, LoraManifest]:
@@ -24,12 +24,7 @@ def add_lora(path: Path, name: str, base_tag: str, drop_text_encoder: bool = Fal
         raise LoraError(f"--base {base_tag}: no such artifact in the BentoML model store") from None
     pairs, layout, dropped = read_lora_file(path, empty_model(FluxTransformer2DModel, base), drop_text_encoder)
     architecture = architecture_id(json.loads((base / "config.json").read_text()))
-    dtypes = {str(pair.down.dtype).removeprefix("torch.") for pair in pairs.values()}
-    manifest = LoraManifest(
-        architecture=architecture, source_file=path.name, source_sha256=sha256_file(path), layout=layout,
-        dtype=dtypes.pop() if len(dtypes) == 1 else "mixed", rank=max(p.down.shape[0] for p in pairs.values()),
-        targets={module: {"rank": pair.down.shape[0], "scale": pair.scale} for module, pair in pairs.items()},
-        text_encoder_tensors_dropped=dropped, files={})
+    manifest = describe_pairs(pairs, architecture, path, layout, dropped)
     labels = {"kind": "lora", "architecture": architecture, "rank": str(manifest.rank),
               "targets": str(len(pairs)), "layout": layout}
     with bentoml.models.create(name, labels=labels, metadata={"base": base_tag, "source_sha256": manifest.source_sha256}

@@ -50,10 +50,9 @@ def artifact_reference(tag: str, variable: str = "FLUX_ARTIFACT") -> bentoml.mod
     return reference
 
 
-def lora_models(architecture: str) -> list[bentoml.models.Model]:
-    """Stored LoRA adapters checked against this architecture (`python -m quantize lora add`)."""
-    return [model for model in bentoml.models.list() if model.info.labels.get("kind") == "lora"
-            and model.info.labels.get("architecture") == architecture]
+def is_adapter_for(model: bentoml.models.Model, architecture: str) -> bool:
+    """A stored LoRA adapter checked against this architecture (`python -m quantize lora add`)."""
+    return model.info.labels.get("kind") == "lora" and model.info.labels.get("architecture") == architecture
 
 
 def lora_folder(architecture: str, name: str) -> Path | None:
@@ -62,12 +61,11 @@ def lora_folder(architecture: str, name: str) -> Path | None:
         model = bentoml.models.get(name)
     except bentoml.exceptions.BentoMLException:
         return None
-    labels = model.info.labels
-    return Path(model.path) if labels.get("kind") == "lora" and labels.get("architecture") == architecture else None
+    return Path(model.path) if is_adapter_for(model, architecture) else None
 
 
 def lora_names(architecture: str) -> list[str]:
-    return sorted({model.tag.name for model in lora_models(architecture)})
+    return sorted({model.tag.name for model in bentoml.models.list() if is_adapter_for(model, architecture)})
 
 
 def stop_server(message: str) -> None:
