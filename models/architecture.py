@@ -1,6 +1,7 @@
-"""What FLUX.1-dev is: its component architectures, and scaled presets built with random weights."""
+"""What FLUX.1 is: its component architectures, its variants (dev, schnell), and scaled presets built with
+random weights."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -33,11 +34,40 @@ FLUX_DEV_SCHEDULER = dict(
     num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
     base_image_seq_len=256, max_image_seq_len=4096,
 )
+# black-forest-labs/FLUX.1-schnell differs only here: no guidance embedding, and a fixed timestep shift.
+SCHNELL_TRANSFORMER = dict(guidance_embeds=False)
+SCHNELL_SCHEDULER = dict(shift=1.0, use_dynamic_shifting=False)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How a FLUX.1 variant is run: its defaults and bounds (from BFL's model cards)."""
+
+    name: str
+    steps: int  # the default number of denoising steps
+    max_steps: int
+    guidance: float  # the default distilled guidance; schnell has none and takes only 0
+    max_sequence_length: int  # T5 tokens the variant was trained with
+
+    @property
+    def takes_guidance(self) -> bool:
+        return self.guidance > 0
+
+
+VARIANTS = {
+    "dev": Variant("dev", steps=28, max_steps=100, guidance=3.5, max_sequence_length=512),
+    "schnell": Variant("schnell", steps=4, max_steps=12, guidance=0.0, max_sequence_length=256),
+}
+
+
+def variant_of(transformer_config: dict) -> Variant:
+    """dev has a guidance embedding, schnell does not: the transformer's config tells them apart."""
+    return VARIANTS["dev" if transformer_config.get("guidance_embeds", True) else "schnell"]
 
 
 @dataclass(frozen=True)
 class FluxPreset:
-    """A FLUX.1-dev variant: overrides applied to each component's real configuration."""
+    """A FLUX.1 model at some scale: overrides applied to each component's real configuration."""
 
     name: str
     description: str
@@ -45,6 +75,13 @@ class FluxPreset:
     t5: dict = field(default_factory=dict)
     clip: dict = field(default_factory=dict)
     vae: dict = field(default_factory=dict)
+    scheduler: dict = field(default_factory=dict)
+
+    def schnell(self) -> "FluxPreset":
+        """The same scale as FLUX.1-schnell."""
+        return replace(self, name=f"{self.name}-schnell", description=f"{self.description}; FLUX.1-schnell",
+                       transformer={**self.transformer, **SCHNELL_TRANSFORMER},
+                       scheduler={**self.scheduler, **SCHNELL_SCHEDULER})
 
     def transformer_config(self) -> dict:
         return {**FLUX_DEV_TRANSFORMER, **self.transformer}
@@ -61,29 +98,30 @@ class FluxPreset:
     def vae_config(self) -> dict:
         return {**FLUX_DEV_VAE, **self.vae}
 
+    def scheduler_config(self) -> dict:
+        return {**FLUX_DEV_SCHEDULER, **self.scheduler}
+
 
 _TINY_VOCAB = dict(vocab_size=600)
-PRESETS = {
-    preset.name: preset
-    for preset in (
-        FluxPreset(
-            "tiny", "64-wide, 1 double + 1 single block: seconds on a CPU, for tests and the demo",
-            transformer=dict(num_layers=1, num_single_layers=1, attention_head_dim=64, num_attention_heads=1,
-                             joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(8, 28, 28)),
-            t5=dict(_TINY_VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4),
-            clip=dict(_TINY_VOCAB, hidden_size=64, intermediate_size=128, projection_dim=64,
-                      num_hidden_layers=1, num_attention_heads=2),
-            vae=dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
-        ),
-        FluxPreset(
-            "medium", "real FLUX.1-dev layer shapes, 1 double + 1 single block, 1 T5 and 1 CLIP layer",
-            transformer=dict(num_layers=1, num_single_layers=1),
-            t5=dict(num_layers=1),
-            clip=dict(num_hidden_layers=1),
-        ),
-        FluxPreset("full", "the real FLUX.1-dev size (12B transformer, T5-XXL encoder)"),
-    )
-}
+DEV_PRESETS = (
+    FluxPreset(
+        "tiny", "64-wide, 1 double + 1 single block: seconds on a CPU, for tests and the demo",
+        transformer=dict(num_layers=1, num_single_layers=1, attention_head_dim=64, num_attention_heads=1,
+                         joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(8, 28, 28)),
+        t5=dict(_TINY_VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4),
+        clip=dict(_TINY_VOCAB, hidden_size=64, intermediate_size=128, projection_dim=64,
+                  num_hidden_layers=1, num_attention_heads=2),
+        vae=dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
+    ),
+    FluxPreset(
+        "medium", "real FLUX.1-dev layer shapes, 1 double + 1 single block, 1 T5 and 1 CLIP layer",
+        transformer=dict(num_layers=1, num_single_layers=1),
+        t5=dict(num_layers=1),
+        clip=dict(num_hidden_layers=1),
+    ),
+    FluxPreset("full", "the real FLUX.1-dev size (12B transformer, T5-XXL encoder)"),
+)
+PRESETS = {preset.name: preset for preset in (*DEV_PRESETS, *(preset.schnell() for preset in DEV_PRESETS))}
 
 
 MODULES = ("vae", "text_encoder", "text_encoder_2", "transformer")  # in the order their random weights are drawn
@@ -104,7 +142,8 @@ def build_pipeline(preset_name: str, seed: int = 0, dtype: torch.dtype = torch.b
     """Build a complete FluxPipeline with random weights, reproducibly from `seed`."""
     torch.manual_seed(seed)
     modules = {name: build_module(preset_name, name).to(dtype).eval() for name in MODULES}
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), tokenizer=build_clip_tokenizer(),
+    scheduler = FlowMatchEulerDiscreteScheduler(**PRESETS[preset_name].scheduler_config())
+    return FluxPipeline(scheduler=scheduler, tokenizer=build_clip_tokenizer(),
                         tokenizer_2=build_t5_tokenizer(), **modules)
 
 

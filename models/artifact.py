@@ -1,6 +1,6 @@
 """The artifact format: a folder of components plus `manifest.json`, and its one reader.
 
-    manifest.json                  schema version, source, recipe, per-component dtype/bytes, sha256 per file
+    manifest.json                  schema version, source, recipe, variant, per-component dtype/bytes, sha256 per file
     transformer/, text_encoder_2/, text_encoder/, vae/
                                    config.json + model-0000N.safetensors shards + model.safetensors.index.json,
                                    and quantization_map.json when quantized (see models/quantized.py)
@@ -54,6 +54,7 @@ class Manifest(BaseModel):
     source_revision: str
     recipe: str
     backend: str
+    variant: str = "dev"  # FLUX.1 dev or schnell (models.architecture.VARIANTS): the service's defaults and bounds
     components: dict[str, Component]
     files: dict[str, str]  # relative path -> sha256
     libraries: dict[str, str]

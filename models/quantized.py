@@ -1,18 +1,22 @@
-"""Quantized Linear layers of both backends, as the artifact stores them and as they are rebuilt.
+"""Quantized Linear layers of each backend, as the artifact stores them and as they are rebuilt.
 
 A component's `quantization_map.json` names each quantized Linear with its settings:
     optimum-quanto: {"weights": "qint8" | "qint4" | "qfloat8_e4m3fn", "activations": "none", "group_size": 128 | null}
     bitsandbytes:   {"weights": "int8" | "nf4" | "fp4"}   (4-bit block size and double quantization
                     travel in the packed `weight.quant_state.*` tensor, as bitsandbytes writes it)
+    gguf:           {"weights": "gguf", "ggml_type": "Q8_0" | "Q4_0" | "Q4_K" | ...}   (the weight is the
+                    file's raw blocks, uint8, one row of bytes per output row)
 diffusers refuses bitsandbytes on the CPU, so its modules are built here directly, on any device.
 """
 
 import bitsandbytes as bnb
 import torch
 from bitsandbytes.nn import Int8Params, Params4bit
+from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+from gguf import GGMLQuantizationType
 from optimum.quanto.nn import quantize_module
 
-BACKENDS = ("quanto", "bitsandbytes")
+BACKENDS = ("quanto", "bitsandbytes", "gguf")
 BNB_WEIGHTS = ("int8", "nf4", "fp4")
 
 
@@ -33,6 +37,14 @@ def bnb_4bit_linear(linear: torch.nn.Linear, packed: torch.Tensor, stats: dict[s
     return module
 
 
+def gguf_linear(linear: torch.nn.Linear, blocks: torch.Tensor, ggml_type: str) -> GGUFLinear:
+    """diffusers' GGUF Linear over raw GGML blocks: dequantized at each call, in the compute dtype."""
+    module = GGUFLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                        compute_dtype=torch.bfloat16, device="meta")
+    module.weight = GGUFParameter(blocks, quant_type=GGMLQuantizationType[ggml_type])
+    return module
+
+
 def rebuild(model: torch.nn.Module, state: dict[str, torch.Tensor], quantization: dict[str, dict],
             backend: str) -> set[str]:
     """Swap each mapped Linear of a meta-device `model` for its quantized module. bitsandbytes modules
@@ -43,6 +55,8 @@ def rebuild(model: torch.nn.Module, state: dict[str, torch.Tensor], quantization
         if backend == "quanto":
             module = quantize_module(linear, weights=entry["weights"])
             module.weight_group_size = entry.get("group_size")
+        elif backend == "gguf":
+            module = gguf_linear(linear, state.pop(f"{name}.weight"), entry["ggml_type"])
         elif entry["weights"] == "int8":
             module = bnb_int8_linear(linear, state.pop(f"{name}.weight"), state.pop(f"{name}.SCB"))
             state.pop(f"{name}.weight_format", None)
@@ -50,7 +64,7 @@ def rebuild(model: torch.nn.Module, state: dict[str, torch.Tensor], quantization
             prefix = f"{name}.weight."
             stats = {key.removeprefix(prefix): state.pop(key) for key in [k for k in state if k.startswith(prefix)]}
             module = bnb_4bit_linear(linear, state.pop(f"{name}.weight"), stats)
-        if backend == "bitsandbytes" and f"{name}.bias" in state:
+        if backend != "quanto" and f"{name}.bias" in state:
             module.bias = torch.nn.Parameter(state.pop(f"{name}.bias"), requires_grad=False)
         model.set_submodule(name, module)
     return before - set(state)

@@ -1,11 +1,13 @@
 """Where a FLUX checkpoint comes from, and its tensors read one at a time.
 
 Three layouts: a local diffusers folder, a Hugging Face repo id in the local cache (a diffusers folder
-too), or the original single-file transformer (`flux1-dev.safetensors`) beside a diffusers `base` that
-provides the text encoders, VAE, tokenizers, scheduler and configs (its transformer weights are not read).
+too), or a single-file transformer, the original `flux1-dev.safetensors` or a GGUF file (`*.gguf`), beside
+a diffusers `base` that provides the text encoders, VAE, tokenizers, scheduler and configs (its
+transformer weights are not read).
 """
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,8 @@ from diffusers import FluxPipeline
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+from models.architecture import Variant, variant_of
+from models.gguf_file import GGUFTransformer
 from models.single_file import SingleFileTransformer
 from models.tensors import TensorFiles
 
@@ -35,12 +39,26 @@ class Source:
     @property
     def slug(self) -> str:
         """A model-store name for it: `black-forest-labs/FLUX.1-dev` -> `flux.1-dev`."""
-        name = re.sub(r"[^a-z0-9._-]+", "-", Path(self.id).name.lower().removesuffix(".safetensors")).strip("-.")
+        stem = Path(self.id).name.lower().removesuffix(".safetensors").removesuffix(".gguf")
+        name = re.sub(r"[^a-z0-9._-]+", "-", stem).strip("-.")
         return name if name.startswith("flux") else f"flux-{name}"
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.transformer_file is not None and self.transformer_file.suffix == ".gguf"
+
+    @property
+    def variant(self) -> Variant:
+        return variant_of(json.loads((self.path / "transformer" / "config.json").read_text()))
 
     def tensors(self, component: str) -> TensorFiles:
         """A component's weights, by the names its diffusers/transformers class uses."""
         if component == "transformer" and self.transformer_file:
+            if self.is_gguf:
+                try:
+                    return GGUFTransformer(self.transformer_file)
+                except ValueError as error:
+                    raise SourceError(str(error)) from error
             return SingleFileTransformer(self.transformer_file)
         files = sorted((self.path / component).glob("*.safetensors"))
         if not files:
@@ -63,12 +81,12 @@ def folder_fingerprint(folder: Path) -> str:
 
 
 def resolve_source(name: str, revision: str | None = None, base: str = DEFAULT_BASE) -> Source:
-    """A folder is used as is, a `.safetensors` file is a single-file transformer on `base`, anything
-    else is a hub repo id looked up in the cache (HF_TOKEN and HF_HUB_OFFLINE are honoured)."""
+    """A folder is used as is, a `.safetensors` or `.gguf` file is a single-file transformer on `base`,
+    anything else is a hub repo id looked up in the cache (HF_TOKEN and HF_HUB_OFFLINE are honoured)."""
     path = Path(name)
     if path.is_file():
-        if path.suffix != ".safetensors":
-            raise SourceError(f"{path}: a single-file checkpoint must be a .safetensors file")
+        if path.suffix not in (".safetensors", ".gguf"):
+            raise SourceError(f"{path}: a single-file checkpoint must be a .safetensors or .gguf file")
         pipeline = resolve_source(base)
         revision = fingerprint([path], path.parent) + f"+{pipeline.revision}"
         return Source(id=str(path.resolve()), revision=revision, path=pipeline.path, transformer_file=path.resolve())
@@ -87,9 +105,10 @@ def resolve_source(name: str, revision: str | None = None, base: str = DEFAULT_B
 def load_source_pipeline(source: Source, dtype: torch.dtype = torch.bfloat16) -> FluxPipeline:
     """The whole unquantized pipeline in memory (the quality gate's reference)."""
     if source.transformer_file:
-        from diffusers import FluxTransformer2DModel
+        from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
+        gguf = dict(quantization_config=GGUFQuantizationConfig(compute_dtype=dtype)) if source.is_gguf else {}
         transformer = FluxTransformer2DModel.from_single_file(source.transformer_file, config=str(source.path),
-                                                              subfolder="transformer", dtype=dtype)
+                                                              subfolder="transformer", dtype=dtype, **gguf)
         return FluxPipeline.from_pretrained(source.path, transformer=transformer, dtype=dtype)
     return FluxPipeline.from_pretrained(source.path, dtype=dtype)

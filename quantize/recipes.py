@@ -19,8 +19,8 @@ QUANTIZABLE = ("transformer", "text_encoder_2", "text_encoder")
 class Recipe:
     name: str
     description: str
-    backend: str  # "quanto" or "bitsandbytes"
-    weights: str  # quanto: qint8, qint4, qfloat8_e4m3fn; bitsandbytes: int8, nf4, fp4
+    backend: str  # "quanto", "bitsandbytes" or "gguf"
+    weights: str  # quanto: qint8, qint4, qfloat8_e4m3fn; bitsandbytes: int8, nf4, fp4; gguf: the file's own types
     group_size: int | None = None  # quanto int4 group / bitsandbytes 4-bit block (None: the default)
     double_quant: bool = False  # bitsandbytes 4-bit: quantize the block scales too
     components: tuple[str, ...] = ("transformer", "text_encoder_2")
@@ -46,6 +46,8 @@ class Recipe:
         unknown = (set(components or ()) | set(keep)) - set(QUANTIZABLE)
         if unknown:
             raise ValueError(f"unknown component(s) {sorted(unknown)}: use {', '.join(QUANTIZABLE)}")
+        if self.backend == "gguf" and set(components or self.components) != set(self.components):
+            raise ValueError("--components: recipe gguf keeps a GGUF transformer's blocks and quantizes nothing else")
         if group_size is not None and self.groups is None:
             raise ValueError(f"--group-size: recipe {self.name} ({self.weights}) has no groups")
         if group_size is not None and (group_size < 32 or group_size & (group_size - 1)):
@@ -57,7 +59,7 @@ class Recipe:
 
     def quantizes(self, component: str, name: str, module: torch.nn.Module) -> bool:
         """Whether this Linear is quantized: not kept in bf16, and its rows split into whole groups."""
-        if component not in self.components or not isinstance(module, torch.nn.Linear):
+        if self.backend == "gguf" or component not in self.components or not isinstance(module, torch.nn.Linear):
             return False
         if any(fnmatch(name, pattern) for pattern in self.keep.get(component, ())):
             return False
@@ -79,6 +81,8 @@ RECIPES = {
         Recipe("nf4", "bitsandbytes NF4, blocks of 64, double-quantized scales (QLoRA)", "bitsandbytes", "nf4",
                double_quant=True),
         Recipe("fp4", "bitsandbytes FP4, blocks of 64", "bitsandbytes", "fp4"),
+        Recipe("gguf", "a GGUF file's blocks kept as they are (Q8_0 ... Q4_0), served by diffusers' GGUF linear",
+               "gguf", "gguf", components=("transformer",), keep={}),
     )
 }
 

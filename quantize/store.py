@@ -46,14 +46,14 @@ def quantize_to_store(source: Source, recipe: Recipe, name: str, step=lambda des
     """Stream, quantize, validate, hash and store; nothing reaches the store unless every step succeeds."""
     source_bytes = {component: source.tensors(component).bf16_bytes() for component in MODULES}
     check_free_disk(expected_artifact_bytes(source_bytes, recipe), [Path(tempfile.gettempdir()), store_path()])
-    labels = {"recipe": recipe.name, "backend": recipe.backend, "source": source.slug}
+    labels = {"recipe": recipe.name, "backend": recipe.backend, "source": source.slug, "variant": source.variant.name}
     metadata = {"source": source.id, "source_revision": source.revision}
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
         folder = Path(model.path)  # staged in a temporary folder; moved into the store only on success
         try:
             components = write_artifact(source, recipe, folder, step, progress)
             manifest = Manifest(source=source.id, source_revision=source.revision, recipe=recipe.name,
-                                backend=recipe.backend, components=components, files={},
+                                backend=recipe.backend, variant=source.variant.name, components=components, files={},
                                 libraries={library: version(library) for library in LIBRARIES},
                                 estimated_peak_gib_1024=estimated_peak_gib(components))
             (folder / MANIFEST).write_text(manifest.model_dump_json(indent=2))

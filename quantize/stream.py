@@ -13,7 +13,10 @@ from pathlib import Path
 
 import torch
 
+from gguf import GGML_QUANT_SIZES
+
 from models.artifact import COMPONENT_CLASSES, QUANTIZATION_MAP, empty_model, write_config
+from models.gguf_file import GGUFTransformer
 from models.source import Source, SourceError
 from models.tensors import SHARD_BYTES, ShardWriter, TensorFiles
 from quantize.recipes import Recipe, quantized_linear
@@ -28,6 +31,9 @@ def write_component(source: Source, component: str, folder: Path, recipe: Recipe
     """Write one component as config + shards (+ quantization map); returns its manifest entry."""
     model = empty_model(COMPONENT_CLASSES[component], source.path / component)
     tensors = source.tensors(component)
+    keeps_blocks = recipe.backend == "gguf" and component in recipe.components
+    if keeps_blocks and not isinstance(tensors, GGUFTransformer):
+        raise SourceError(f"recipe gguf keeps the blocks of a GGUF file: {source.id} is not a .gguf transformer")
     aliases = _aliases(model)
     writer, quantization, kept, seen = ShardWriter(folder, shard_bytes), {}, [], set()
     modules = [(name, module) for name, module in model.named_modules() if _own_tensors(module)]
@@ -35,6 +41,11 @@ def write_component(source: Source, component: str, folder: Path, recipe: Recipe
         meta = {key: tensor for key, tensor in _own_tensors(module).items() if id(tensor) not in seen}
         seen |= {id(tensor) for tensor in meta.values()}
         if not meta:  # a tied module, written under its first name
+            continue
+        if keeps_blocks and isinstance(module, torch.nn.Linear) and tensors.is_quantized(f"{name}.weight"):
+            state, quantization[name] = _gguf_blocks(tensors, name, module, dtype)
+            writer.add({f"{name}.{key}": tensor for key, tensor in state.items()})
+            progress(component, done, len(modules))
             continue
         state = {key: _cast(_read(tensors, aliases[id(tensor)], tensor), dtype) for key, tensor in meta.items()}
         for key, tensor in state.items():
@@ -55,6 +66,22 @@ def write_component(source: Source, component: str, folder: Path, recipe: Recipe
         (folder / QUANTIZATION_MAP).write_text(json.dumps(quantization, indent=2, sort_keys=True))
         return recipe.manifest_entry(kept)
     return None
+
+
+def _gguf_blocks(tensors: GGUFTransformer, name: str, linear: torch.nn.Linear,
+                 dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
+    """A Linear's GGML blocks as they are in the file (the bias in `dtype`), and its quantization-map entry."""
+    ggml_type = tensors.ggml_type(f"{name}.weight")
+    blocks = tensors.blocks(f"{name}.weight")
+    block, size = GGML_QUANT_SIZES[ggml_type]
+    expected = (linear.out_features, linear.in_features // block * size)
+    if linear.in_features % block or tuple(blocks.shape) != expected:
+        raise SourceError(f"{_where(tensors)}: {name}.weight ({ggml_type.name}) has {tuple(blocks.shape)} bytes, "
+                          f"the config says {linear.out_features}x{linear.in_features} weights")
+    state = {"weight": blocks}
+    if linear.bias is not None:
+        state["bias"] = _cast(_read(tensors, [f"{name}.bias"], linear.bias), dtype)
+    return state, {"weights": "gguf", "ggml_type": ggml_type.name}
 
 
 def _release_freed_memory() -> None:

@@ -10,7 +10,7 @@ from PIL import Image
 from pydantic import BaseModel
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from models.architecture import decode_in_float32
+from models.architecture import decode_in_float32, variant_of
 
 PROMPTS = (
     ("a lighthouse on a cliff at dawn, oil painting", 1),
@@ -44,8 +44,10 @@ def render(pipe: FluxPipeline, size: int, steps: int) -> Renders:
     pipe.set_progress_bar_config(disable=True)
     decode_in_float32(pipe.vae)
     images, latents = [], []
+    variant = variant_of(pipe.transformer.config)
     for prompt, seed in PROMPTS:
         packed = pipe(prompt, height=size, width=size, num_inference_steps=steps, output_type="latent",
+                      guidance_scale=variant.guidance, max_sequence_length=variant.max_sequence_length,
                       generator=torch.Generator().manual_seed(seed)).images
         unpacked = pipe._unpack_latents(packed, size, size, pipe.vae_scale_factor)
         decoded = pipe.vae.decode(unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor,

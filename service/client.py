@@ -3,8 +3,10 @@
 import argparse
 import os
 import time
+import typing
 from collections.abc import Iterator
 from pathlib import Path
+from types import NoneType
 
 import grpc
 import httpx
@@ -78,7 +80,7 @@ class FluxGrpcClient:
 
     @staticmethod
     def message(request: GenerationRequest):
-        fields = request.model_dump(exclude={"format"})
+        fields = request.model_dump(exclude={"format"}, exclude_none=True)  # unset: the served model's default
         return messages.GenerateRequest(**fields, format=GRPC_FORMATS[request.format])
 
     def generate(self, request: GenerationRequest, timeout_s: float | None = None):
@@ -147,7 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a LoRA adapter of the stack (repeat for more, in order); SCALE defaults to 1")
     for name, field in GenerationRequest.model_fields.items():
         if name not in ("prompt", "loras"):
-            parser.add_argument(f"--{name}", type=field.annotation, default=field.default, help=field.description)
+            kind = next(arg for arg in (*typing.get_args(field.annotation), field.annotation) if arg is not NoneType)
+            parser.add_argument(f"--{name}", type=kind, default=field.default, help=field.description)
     return parser.parse_args(argv)
 
 

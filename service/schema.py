@@ -5,7 +5,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MAX_PROMPT_CHARS = 2000  # T5 reads 512 tokens; longer prompts are refused, not silently cut
+from models.architecture import VARIANTS, Variant
+
+MAX_PROMPT_CHARS = 2000  # FLUX.1-dev's T5 reads 512 tokens; longer prompts are refused, not silently cut
 MAX_LORAS = 8
 
 
@@ -38,8 +40,10 @@ class GenerationRequest(BaseModel):
     width: Annotated[int, Field(ge=64, le=2048, multiple_of=16, description="Pixels, a multiple of 16; the "
                                 "deployment's largest side is on /info")] = 1024
     height: Annotated[int, Field(ge=64, le=2048, multiple_of=16, description="Pixels, a multiple of 16")] = 1024
-    steps: Annotated[int, Field(ge=1, le=100, description="Denoising steps")] = 28
-    guidance: Annotated[float, Field(ge=0.0, le=20.0, description="Distilled guidance scale")] = 3.5
+    steps: Annotated[int | None, Field(ge=1, le=100, description="Denoising steps; unset: the served model's "
+                                       "default (FLUX.1-dev 28, at most 100; FLUX.1-schnell 4, at most 12; /info)")] = None
+    guidance: Annotated[float | None, Field(ge=0.0, le=20.0, description="Distilled guidance scale, FLUX.1-dev only "
+                                            "(unset: 3.5); FLUX.1-schnell has none: leave it unset or 0")] = None
     seed: Annotated[int, Field(ge=0, lt=2**63, description="Same seed, same image, alone or in a batch")] = 0
     format: Annotated[ImageFormat, Field(description="Encoding of the returned image")] = ImageFormat.png
     quality: Annotated[int, Field(ge=1, le=100, description="JPEG/WebP quality (ignored for PNG)")] = 90
@@ -73,6 +77,13 @@ class WorkItem(GenerationRequest):
     deadline: float | None = None
 
 
+def with_defaults(item: WorkItem, variant: Variant) -> WorkItem:
+    """The item with the variant's steps and guidance where it left them unset."""
+    unset = {field: default for field, default in (("steps", variant.steps), ("guidance", variant.guidance))
+             if getattr(item, field) is None}
+    return item.model_copy(update=unset) if unset else item
+
+
 class Refused(ValueError):
     """A request this deployment will not run; `field` names what to change."""
 
@@ -82,13 +93,23 @@ class Refused(ValueError):
 
 
 class Limits(BaseModel):
-    """What the placement plan lets this deployment serve."""
+    """What this deployment serves: the placement plan's sizes, and the served model's variant."""
 
     max_side: int
     max_batch: dict[int, int]  # resolution bucket -> largest batch the plan allows
+    variant: str = "dev"  # models.architecture.VARIANTS: defaults and bounds of steps, guidance and prompts
+
+    def admit(self, items: list[WorkItem]) -> list[WorkItem]:
+        """The items with the variant's defaults filled in, once they pass `check`."""
+        admitted = [with_defaults(item, VARIANTS[self.variant]) for item in items]
+        self.check(admitted)
+        return admitted
 
     def check(self, items: list[GenerationRequest]) -> None:
-        """Images of one call: each within the largest side, and together within one batch of their size."""
+        """Images of one call: each as the variant takes it, within the largest side, and together within one
+        batch of their size."""
+        for item in items:
+            self.check_variant(item)
         for field in ("width", "height"):
             if (value := max(getattr(item, field) for item in items)) > self.max_side:
                 raise Refused(field, f"{value} is larger than this deployment serves (largest side: {self.max_side})")
@@ -97,3 +118,17 @@ class Limits(BaseModel):
         if len(items) > batch:
             raise Refused("n", f"{len(items)} images at {items[0].width}x{items[0].height} in one call: this "
                                f"deployment renders at most {batch} together at that size")
+
+    def check_variant(self, item: GenerationRequest) -> None:
+        """FLUX.1-schnell: no guidance, at most 12 steps, prompts within its 256 T5 tokens."""
+        variant = VARIANTS[self.variant]
+        if item.guidance and not variant.takes_guidance:
+            raise Refused("guidance", f"FLUX.1-{variant.name} has no guidance embedding: leave guidance unset or 0 "
+                                      f"(got {item.guidance})")
+        if item.steps and item.steps > variant.max_steps:
+            raise Refused("steps", f"{item.steps} is more than FLUX.1-{variant.name} takes (at most "
+                                   f"{variant.max_steps}; default {variant.steps})")
+        max_chars = MAX_PROMPT_CHARS * variant.max_sequence_length // VARIANTS["dev"].max_sequence_length
+        if len(item.prompt) > max_chars:
+            raise Refused("prompt", f"{len(item.prompt)} characters: FLUX.1-{variant.name} reads "
+                                    f"{variant.max_sequence_length} T5 tokens, so at most {max_chars} characters")

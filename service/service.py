@@ -14,6 +14,7 @@ from typing import Annotated
 import bentoml
 from starlette.responses import JSONResponse, Response
 
+from models.architecture import VARIANTS
 from models.artifact import load_pipeline
 from models.lora import architecture_id
 from service.fronts.auth import BearerAuth
@@ -130,7 +131,7 @@ class FluxWorker:
 
     @bentoml.api
     async def limits(self) -> Limits:
-        return Limits(max_side=SETTINGS.max_resolution, max_batch=self.plan.max_batch)
+        return Limits(max_side=SETTINGS.max_resolution, max_batch=self.plan.max_batch, variant=self.manifest.variant)
 
     @bentoml.api
     async def progress(self, request_id: str) -> int:
@@ -152,8 +153,11 @@ class FluxWorker:
         loras = {"architecture": self.architecture, "available": lora_names(self.architecture),
                  "cached": len(self.adapters.entries), "cache_bytes": self.adapters.bytes,
                  "cache_limit_bytes": self.adapters.max_bytes}
+        variant = VARIANTS[self.manifest.variant]
         return {"artifact": str(self.artifact.tag), "device": str(self.device), "placement": self.plan.describe(),
                 "max_side": SETTINGS.max_resolution, "prompt_cache": cache, "loras": loras,
+                "defaults": {"steps": variant.steps, "guidance": variant.guidance, "max_steps": variant.max_steps,
+                             "takes_guidance": variant.takes_guidance, "t5_tokens": variant.max_sequence_length},
                 **self.manifest.model_dump(exclude={"files"})}
 
 

@@ -15,7 +15,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from models.architecture import build_pipeline  # noqa: E402
+from models.architecture import PRESETS, build_pipeline  # noqa: E402
+from models.single_file import original_layout_shapes  # noqa: E402
 from service.launcher import free_port  # noqa: E402,F401 - tests import it from here
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,34 +73,13 @@ def medium_source(tmp_path_factory) -> Path:
     return folder
 
 
-def original_layout_shapes(double: int = 1, single: int = 1, hidden: int = 3072, mlp: int = 12288) -> dict:
-    """Tensor shapes of BFL's single-file FLUX.1-dev layout (`flux1-dev.safetensors`), for a few blocks."""
-    shapes = {"img_in.weight": (hidden, 64), "txt_in.weight": (hidden, 4096),
-              "final_layer.linear.weight": (64, hidden), "final_layer.adaLN_modulation.1.weight": (2 * hidden, hidden)}
-    for embedder, inputs in (("time_in", 256), ("vector_in", 768), ("guidance_in", 256)):
-        shapes |= {f"{embedder}.in_layer.weight": (hidden, inputs), f"{embedder}.out_layer.weight": (hidden, hidden)}
-    for i in range(double):
-        for stream in ("img", "txt"):
-            block = f"double_blocks.{i}.{stream}"
-            shapes |= {f"{block}_mod.lin.weight": (6 * hidden, hidden), f"{block}_attn.qkv.weight": (3 * hidden, hidden),
-                       f"{block}_attn.norm.query_norm.scale": (128,), f"{block}_attn.norm.key_norm.scale": (128,),
-                       f"{block}_attn.proj.weight": (hidden, hidden), f"{block}_mlp.0.weight": (mlp, hidden),
-                       f"{block}_mlp.2.weight": (hidden, mlp)}
-    for i in range(single):
-        block = f"single_blocks.{i}"
-        shapes |= {f"{block}.linear1.weight": (3 * hidden + mlp, hidden), f"{block}.linear2.weight": (hidden, hidden + mlp),
-                   f"{block}.norm.query_norm.scale": (128,), f"{block}.norm.key_norm.scale": (128,),
-                   f"{block}.modulation.lin.weight": (3 * hidden, hidden)}
-    biases = {name.replace(".weight", ".bias"): shape[:1] for name, shape in shapes.items() if name.endswith(".weight")}
-    return shapes | biases
-
-
 @pytest.fixture(scope="session")
 def single_file(tmp_path_factory) -> Path:
     """A medium-sized (1 + 1 blocks, real widths) transformer in the single-file layout, random weights."""
     generator = torch.Generator().manual_seed(0)
+    shapes = original_layout_shapes(PRESETS["medium"].transformer_config())
     tensors = {f"model.diffusion_model.{name}": torch.randn(shape, generator=generator).to(torch.bfloat16)
-               for name, shape in original_layout_shapes().items()}
+               for name, shape in shapes.items()}
     path = tmp_path_factory.mktemp("single") / "flux1-medium.safetensors"
     save_file(tensors, path)
     return path

@@ -126,7 +126,7 @@ def test_artifact_from_s3_init_container_then_serve(tiny_int8_tag, s3, tmp_path)
                               env={**os.environ, **s3, "BENTOML_HOME": str(store)})
     assert imported.returncode == 0, imported.stderr
     listed = run_module("bentoml", "models", "get", tiny_int8_tag, "-o", "json", env={"BENTOML_HOME": str(store)})
-    assert json.loads(listed.stdout)["labels"] == {"recipe": "int8", "backend": "quanto", "source": "flux-tiny"}
+    assert json.loads(listed.stdout)["labels"] == {"recipe": "int8", "backend": "quanto", "source": "flux-tiny", "variant": "dev"}
     serve_env = {"BENTOML_HOME": str(store), "FLUX_ARTIFACT": tiny_int8_tag,
                  "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}"}
     with running_server(free_port(), tmp_path / "server.log", env=serve_env) as base:

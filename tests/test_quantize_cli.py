@@ -14,7 +14,7 @@ def test_quantize_prints_size_table_then_tag(tiny_source):
     assert tag.startswith("cli-check:") and " " not in tag
     assert any(line.startswith("│ transformer") and "qint4" in line for line in lines)
     model = bentoml.models.get(tag)
-    assert model.info.labels == {"recipe": "int4", "backend": "quanto", "source": "flux-tiny"}
+    assert model.info.labels == {"recipe": "int4", "backend": "quanto", "source": "flux-tiny", "variant": "dev"}
     assert (model.path_of("manifest.json"))
 
 
@@ -221,7 +221,7 @@ def test_tar_export_import_keeps_tag_labels_and_hashes(tiny_tag, tmp_path):
     imported = run_module("bentoml", "models", "import", str(archive), env=other)
     assert imported.returncode == 0, imported.stderr
     listed = json.loads(run_module("bentoml", "models", "get", tag, "-o", "json", env=other).stdout)
-    assert listed["labels"] == {"recipe": "nf4", "backend": "bitsandbytes", "source": "flux-tiny"}
+    assert listed["labels"] == {"recipe": "nf4", "backend": "bitsandbytes", "source": "flux-tiny", "variant": "dev"}
     name, version = tag.split(":")
     moved = tmp_path / "other-store" / "models" / name / version
     _, manifest = load_pipeline(moved)  # every sha256 checked

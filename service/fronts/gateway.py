@@ -39,11 +39,12 @@ class Gateway:
                 pass
             await asyncio.sleep(0.5)
 
-    def check(self, items: list[WorkItem]) -> None:
+    def check(self, items: list[WorkItem]) -> list[WorkItem]:
+        """The items as this deployment runs them (the served model's defaults filled in), or Rejected."""
         if self.limits is None:
             raise Rejected("loading", "the model is still loading")
         try:
-            self.limits.check(items)
+            return self.limits.admit(items)
         except Refused as error:
             REFUSALS.labels(reason=f"{error.field}_over_plan").inc()
             raise Rejected("refused", error.message, error.field) from None
@@ -60,7 +61,7 @@ class Gateway:
         token = request_id.set(first.request_id)
         outcome = "error"
         try:
-            self.check(items)
+            items = self.check(items)
             results = await self._follow(items, caller_left)
             outcome = next((result.status for result in results if not result.ok), Status.ok)
             return results

@@ -86,7 +86,7 @@ class TextToImage(services.TextToImageServicer):
                 raise Rejected("loading", "the server is shutting down")
             if self.in_flight >= self.max_in_flight:
                 raise Rejected("overloaded", f"over {self.max_in_flight} calls in flight")
-            return work_item(request, rid, context)
+            return self.gateway.check([work_item(request, rid, context)])[0]
         except Rejected as error:
             await context.abort(grpc_code(error.outcome), error.message)
 

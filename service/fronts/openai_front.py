@@ -38,8 +38,10 @@ class ImagesRequest(BaseModel):
     output_format: ImageFormat = ImageFormat.png
     output_compression: Annotated[int, Field(ge=1, le=100, description="JPEG/WebP quality")] = 90
     user: str | None = None
-    steps: Annotated[int, Field(ge=1, le=100, description="extension: denoising steps")] = 28
-    guidance: Annotated[float, Field(ge=0.0, le=20.0, description="extension: guidance scale")] = 3.5
+    steps: Annotated[int | None, Field(ge=1, le=100, description="extension: denoising steps (unset: the served "
+                                       "model's default)")] = None
+    guidance: Annotated[float | None, Field(ge=0.0, le=20.0, description="extension: guidance scale, FLUX.1-dev "
+                                            "only (unset: 3.5)")] = None
     seed: Annotated[int, Field(ge=0, lt=2**63, description="extension: seed of the first image")] = 0
     loras: Annotated[list[LoraWeight], Field(max_length=MAX_LORAS, description="extension: LoRA stack")] = []
 

@@ -59,8 +59,8 @@ class JobEngine:
                 self.webhooks.check(str(request.webhook))
         except Refused as error:
             raise Rejected("refused", error.message, error.field) from None
-        self.gateway.check([WorkItem(**generation.model_dump())])
-        job = Job(id=uuid.uuid4().hex, request=generation, total=generation.steps,
+        item = self.gateway.check([WorkItem(**generation.model_dump())])[0]
+        job = Job(id=uuid.uuid4().hex, request=generation, total=item.steps,
                   webhook=str(request.webhook or ""), webhook_events=request.webhook_events)
         return await self._redis(self.queue.submit(job, idempotency_key))
 

@@ -5,7 +5,6 @@ from collections import OrderedDict
 import torch
 from diffusers import FluxPipeline
 
-T5_SEQUENCE_LENGTH = 512
 Embedding = tuple[torch.Tensor, torch.Tensor]  # T5 embeds, pooled CLIP embeds
 
 
@@ -48,10 +47,12 @@ def cached_embeddings(prompts: list[str], cache: PromptCache | None) -> dict[str
 
 
 @torch.no_grad()  # outside the pipeline's own no_grad: without it the cache would keep autograd graphs alive
-def encode_missing(pipe: FluxPipeline, prompts: list[str], cache: PromptCache | None) -> dict[str, Embedding]:
-    """Encode `prompts` (distinct, not cached) in one batch through both encoders, caching them."""
+def encode_missing(pipe: FluxPipeline, prompts: list[str], cache: PromptCache | None,
+                   max_sequence_length: int) -> dict[str, Embedding]:
+    """Encode `prompts` (distinct, not cached) in one batch through both encoders (T5 reads `max_sequence_length`
+    tokens: the variant's), caching them."""
     embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=pipe._execution_device,
-                                           max_sequence_length=T5_SEQUENCE_LENGTH)
+                                           max_sequence_length=max_sequence_length)
     encoded = {prompt: (embeds[index], pooled[index]) for index, prompt in enumerate(prompts)}
     for prompt, (one_embeds, one_pooled) in encoded.items():
         if cache:

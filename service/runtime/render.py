@@ -13,7 +13,7 @@ from contextlib import nullcontext
 import torch
 from diffusers import FluxPipeline
 
-from models.architecture import decode_in_float32
+from models.architecture import decode_in_float32, variant_of
 from models.lora import LoraError
 from service.observe import (CANCELLATIONS, OOM_SPLITS, PROMPT_CACHE, STAGE_SECONDS, STEPS_AFTER_CANCEL, logger,
                              request_id)
@@ -23,7 +23,7 @@ from service.runtime.imaging import MEDIA_TYPES, encode_image
 from service.runtime.placement import Placement
 from service.runtime.prompts import PromptCache, cached_embeddings, encode_missing, stack
 from service.runtime.result import Result, Status, failure
-from service.schema import WorkItem
+from service.schema import WorkItem, with_defaults
 
 
 def group_by_shape(items: list[WorkItem]) -> dict[tuple, list[int]]:
@@ -68,13 +68,15 @@ class Renderer:
                  board: Board | None = None, adapters: AdapterCache | None = None) -> None:
         self.pipe, self.placement, self.cache, self.board = pipe, placement, cache, board or Board()
         self.adapters = adapters
+        self.variant = variant_of(pipe.transformer.config)
         placement.apply(pipe)
         if placement.device.type == "cpu":
             decode_in_float32(pipe.vae)
         pipe.set_progress_bar_config(disable=True)
 
     def render(self, items: list[WorkItem]) -> list[Result]:
-        """One Result per item, in order; a batch may mix shapes."""
+        """One Result per item, in order; a batch may mix shapes. Unset steps and guidance take the variant's."""
+        items = [with_defaults(item, self.variant) for item in items]
         results: list[Result | None] = [None] * len(items)
         for indices in group_by_shape(items).values():
             live = []
@@ -169,7 +171,7 @@ class Renderer:
         PROMPT_CACHE.labels(result="miss").inc(sum(p in missing for p in prompts))
         if missing:
             with self.placement.encoding(self.pipe):
-                found |= encode_missing(self.pipe, missing, self.cache)
+                found |= encode_missing(self.pipe, missing, self.cache, self.variant.max_sequence_length)
         return stack(found, prompts, self.pipe._execution_device)
 
     def _step_callback(self, group: list[WorkItem]):

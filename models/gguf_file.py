@@ -1,0 +1,89 @@
+"""GGUF FLUX transformers (city96's `flux1-dev-Q4_K_S.gguf` and kin), read tensor by tensor.
+
+The files hold BFL's single-file layout, each tensor in a GGML type: quantized blocks (Q8_0, Q4_0, Q4_K,
+...) or plain F32/F16/BF16. Keys are converted as for the single file (diffusers' converter run on row
+numbers); a tensor is read from the memory-mapped file one piece at a time, and either dequantized by the
+`gguf` package (any recipe) or handed over as its raw blocks (the `gguf` recipe keeps them).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter, quants
+
+from models.single_file import SingleFileTransformer, original_layout_shapes
+
+PLAIN_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+
+class GGUFTransformer(SingleFileTransformer):
+    """A GGUF FLUX transformer, seen with diffusers' key names."""
+
+    def __init__(self, path: Path):
+        try:
+            self.reader = GGUFReader(path)
+        except (ValueError, OSError) as error:  # gguf raises ValueError on a bad magic or a truncated file
+            raise ValueError(f"{path}: unreadable GGUF file ({error})") from error
+        self.by_name = {tensor.name: tensor for tensor in self.reader.tensors}
+        self.files = dict.fromkeys(self.by_name, Path(path))
+        self.convert_keys()
+
+    def rows(self, key: str) -> int:
+        return self.by_name[key].data.shape[0]
+
+    def ggml_type(self, name: str) -> GGMLQuantizationType:
+        """The GGML type of a diffusers tensor (all its pieces come from tensors of one type)."""
+        types = {self.by_name[self.source_keys[number]].tensor_type for number, _, _ in self.pieces[name]}
+        if len(types) != 1:
+            raise ValueError(f"{self.files[self.source_keys[0]]}: {name} joins tensors of types {sorted(types)}")
+        return GGMLQuantizationType(types.pop())
+
+    def is_quantized(self, name: str) -> bool:
+        return self.ggml_type(name) not in PLAIN_TYPES
+
+    def source_rows(self, key: str, first: int, last: int) -> torch.Tensor:
+        """Rows of a source tensor, dequantized (float32) by the gguf package."""
+        tensor = self.by_name[key]
+        return torch.from_numpy(np.ascontiguousarray(quants.dequantize(tensor.data[first:last], tensor.tensor_type)))
+
+    def blocks(self, name: str) -> torch.Tensor:
+        """A quantized diffusers tensor as its raw GGML blocks: one row of bytes per output row."""
+        parts = [torch.from_numpy(np.array(self.by_name[self.source_keys[number]].data[first:last]))
+                 for number, first, last in self.pieces[name]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def bf16_bytes(self) -> int:
+        return sum(int(np.prod(tensor.shape)) * 2 for tensor in self.reader.tensors)
+
+    def type_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for tensor in self.reader.tensors:
+            counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+        return counts
+
+
+def bytes_per_weight(ggml_type: str) -> float:
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]]
+    return size / block
+
+
+def write_random_gguf(path: Path, transformer_config: dict, ggml_type: str, seed: int = 0) -> Path:
+    """A transformer with random weights (std 0.02, as trained FLUX weights roughly are) in the GGUF layout
+    city96's files use: weights whose rows split into whole blocks quantized to `ggml_type`, the rest F32."""
+    qtype = GGMLQuantizationType[ggml_type]
+    block = GGML_QUANT_SIZES[qtype][0]
+    generator = np.random.default_rng(seed)
+    writer = GGUFWriter(path, arch="flux")
+    for name, shape in original_layout_shapes(transformer_config).items():
+        values = (generator.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+        if len(shape) == 2 and shape[1] % block == 0:
+            data = quants.quantize(values, qtype)
+            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
