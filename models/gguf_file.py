@@ -6,13 +6,16 @@ numbers); a tensor is read from the memory-mapped file one piece at a time, and 
 `gguf` package (any recipe) or handed over as its raw blocks (the `gguf` recipe keeps them).
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 
-from models.single_file import SingleFileTransformer, original_layout_shapes
+from models.single_file import ROW_BITS, SingleFileTransformer, original_layout_shapes, runs
+from models.tensors import TensorFiles
 
 PLAIN_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
@@ -45,7 +48,7 @@ class GGUFTransformer(SingleFileTransformer):
     def source_rows(self, key: str, first: int, last: int) -> torch.Tensor:
         """Rows of a source tensor, dequantized (float32) by the gguf package."""
         tensor = self.by_name[key]
-        return torch.from_numpy(np.ascontiguousarray(quants.dequantize(tensor.data[first:last], tensor.tensor_type)))
+        return torch.from_numpy(quants.dequantize(tensor.data[first:last], tensor.tensor_type).copy())
 
     def blocks(self, name: str) -> torch.Tensor:
         """A quantized diffusers tensor as its raw GGML blocks: one row of bytes per output row."""
@@ -56,28 +59,31 @@ class GGUFTransformer(SingleFileTransformer):
     def bf16_bytes(self) -> int:
         return sum(int(np.prod(tensor.shape)) * 2 for tensor in self.reader.tensors)
 
-    def type_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for tensor in self.reader.tensors:
-            counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
-        return counts
+
+def to_original_layout(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """A diffusers FluxTransformer2DModel state dict in BFL's single-file layout: diffusers' converter, run on
+    row numbers, says where each diffusers tensor's rows go."""
+    shapes = original_layout_shapes(config)
+    keys = list(shapes)
+    row_ids = {key: (number << ROW_BITS) + torch.arange(shapes[key][0]) for number, key in enumerate(keys)}
+    original = {key: torch.empty(shape, dtype=torch.float32) for key, shape in shapes.items()}
+    for name, ids in convert_flux_transformer_checkpoint_to_diffusers(row_ids).items():
+        done = 0
+        for number, first, last in runs(ids):
+            original[keys[number]][first:last] = state[name][done:done + last - first]
+            done += last - first
+    return original
 
 
-def bytes_per_weight(ggml_type: str) -> float:
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]]
-    return size / block
-
-
-def write_random_gguf(path: Path, transformer_config: dict, ggml_type: str, seed: int = 0) -> Path:
-    """A transformer with random weights (std 0.02, as trained FLUX weights roughly are) in the GGUF layout
-    city96's files use: weights whose rows split into whole blocks quantized to `ggml_type`, the rest F32."""
+def write_gguf(path: Path, original: dict[str, torch.Tensor], ggml_type: str) -> Path:
+    """A GGUF file as city96's are made: 2-D weights whose rows split into whole blocks quantized to `ggml_type`
+    by the gguf package, everything else (biases, norms) F32."""
     qtype = GGMLQuantizationType[ggml_type]
     block = GGML_QUANT_SIZES[qtype][0]
-    generator = np.random.default_rng(seed)
     writer = GGUFWriter(path, arch="flux")
-    for name, shape in original_layout_shapes(transformer_config).items():
-        values = (generator.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
-        if len(shape) == 2 and shape[1] % block == 0:
+    for name, tensor in original.items():
+        values = tensor.float().numpy()
+        if values.ndim == 2 and values.shape[1] % block == 0:
             data = quants.quantize(values, qtype)
             writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
         else:
@@ -87,3 +93,11 @@ def write_random_gguf(path: Path, transformer_config: dict, ggml_type: str, seed
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def gguf_from_diffusers(transformer_folder: Path, path: Path, ggml_type: str) -> Path:
+    """A diffusers transformer folder (config + safetensors) written as a GGUF file of `ggml_type`."""
+    config = json.loads((transformer_folder / "config.json").read_text())
+    files = TensorFiles(sorted(transformer_folder.glob("*.safetensors")))
+    state = {name: files.get(name) for name in files.keys()}
+    return write_gguf(path, to_original_layout(state, config), ggml_type)

@@ -30,7 +30,7 @@ class SingleFileTransformer(TensorFiles):
         row_ids = {key: (number << ROW_BITS) + torch.arange(self.rows(key))
                    for number, key in enumerate(self.source_keys)}
         converted = convert_flux_transformer_checkpoint_to_diffusers(row_ids)
-        self.pieces = {name: _runs(ids) for name, ids in converted.items()}
+        self.pieces = {name: runs(ids) for name, ids in converted.items()}
 
     def __contains__(self, name: str) -> bool:
         return name in self.pieces
@@ -76,7 +76,7 @@ def original_layout_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes | biases
 
 
-def _runs(ids: torch.Tensor) -> list[tuple[int, int, int]]:
+def runs(ids: torch.Tensor) -> list[tuple[int, int, int]]:
     """Row ids as (source tensor number, first row, end row) runs of consecutive rows."""
     runs: list[tuple[int, int, int]] = []
     for value in ids.tolist():

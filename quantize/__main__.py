@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_recipes:
         Console(width=140).print(recipe_table())
         return 0
-    progress = Console(stderr=True)
+    progress = Console(stderr=True, soft_wrap=True)  # paths in errors stay whole, copyable
     try:
         source = resolve_source(args.source, args.revision, args.base)
     except SourceError as error:

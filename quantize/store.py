@@ -11,7 +11,7 @@ import bentoml
 from models.architecture import MODULES
 from models.artifact import COMPONENT_CLASSES, MANIFEST, Component, Manifest, folder_bytes, hash_files, load_pipeline
 from models.sizes import resident_peak_bytes
-from models.source import Source, load_source_pipeline
+from models.source import Source, SourceError, load_source_pipeline
 from quantize.recipes import Recipe
 from quantize.stream import Progress, write_component
 from quantize.validate import PROMPTS, QualityReport, compare, contact_sheet, render
@@ -44,6 +44,8 @@ class QualityGateFailed(RuntimeError):
 def quantize_to_store(source: Source, recipe: Recipe, name: str, step=lambda description: None,
                       gate: Gate | None = Gate(), progress: Progress = lambda *_: None) -> StoredArtifact:
     """Stream, quantize, validate, hash and store; nothing reaches the store unless every step succeeds."""
+    if recipe.backend == "gguf" and not source.is_gguf:
+        raise SourceError(f"recipe gguf keeps the blocks of a GGUF file: {source.id} is not a .gguf transformer")
     source_bytes = {component: source.tensors(component).bf16_bytes() for component in MODULES}
     check_free_disk(expected_artifact_bytes(source_bytes, recipe), [Path(tempfile.gettempdir()), store_path()])
     labels = {"recipe": recipe.name, "backend": recipe.backend, "source": source.slug, "variant": source.variant.name}

@@ -31,9 +31,7 @@ def write_component(source: Source, component: str, folder: Path, recipe: Recipe
     """Write one component as config + shards (+ quantization map); returns its manifest entry."""
     model = empty_model(COMPONENT_CLASSES[component], source.path / component)
     tensors = source.tensors(component)
-    keeps_blocks = recipe.backend == "gguf" and component in recipe.components
-    if keeps_blocks and not isinstance(tensors, GGUFTransformer):
-        raise SourceError(f"recipe gguf keeps the blocks of a GGUF file: {source.id} is not a .gguf transformer")
+    keeps_blocks = recipe.backend == "gguf" and isinstance(tensors, GGUFTransformer)
     aliases = _aliases(model)
     writer, quantization, kept, seen = ShardWriter(folder, shard_bytes), {}, [], set()
     modules = [(name, module) for name, module in model.named_modules() if _own_tensors(module)]
