@@ -154,17 +154,21 @@ def check_quantization_map(path: Path, expected_weights: str) -> dict:
     return quantization
 
 
-def load_module(cls: type, folder: Path, component: Component,
-                sha256s: dict[str, str] | None = None) -> torch.nn.Module:
-    """A component from its config, shards (checked against `sha256s` as read) and quantization map."""
+def load_module(cls: type, folder: Path, component: Component, sha256s: dict[str, str] | None = None,
+                dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """A component from its config, shards (checked against `sha256s` as read) and quantization map, computing
+    in `dtype`: its bf16 tensors (quantized layers' scales too) are cast, except that under float16 the modules
+    transformers keeps in float32 (`_keep_in_fp32_modules`: T5's `wo`, whose outputs overflow float16) get float32."""
+    keep_in_fp32 = getattr(cls, "_keep_in_fp32_modules", None) or []
     try:
-        state = read_shards(folder, sha256s)
+        state = cast_state(read_shards(folder, sha256s), dtype, keep_in_fp32)
     except (OSError, ValueError) as error:  # unreadable shard or index
         raise ArtifactError(str(error)) from error
     model, taken = empty_model(cls, folder), set()
     if component.quantization:
         quantization = check_quantization_map(folder / QUANTIZATION_MAP, component.quantization["weights"])
-        taken = rebuild(model, state, quantization, component.quantization["backend"])
+        check_kept_layers(folder, quantization, keep_in_fp32)
+        taken = rebuild(model, state, quantization, component.quantization["backend"], dtype)
     tied = _tied_aliases(model)
     missing = set(model.load_state_dict(state, strict=False, assign=True).missing_keys) - tied - taken
     if hasattr(model, "tie_weights"):
@@ -174,23 +178,48 @@ def load_module(cls: type, folder: Path, component: Component,
     return model.eval()
 
 
+def check_kept_layers(folder: Path, quantization: dict, keep_in_fp32: list[str]) -> None:
+    """4-bit layers where transformers keeps full precision compute garbage (their input is cast to uint8):
+    artifacts written before the 4-bit recipes kept them are refused, not served."""
+    for name, entry in quantization.items():
+        if entry["weights"] in ("nf4", "fp4") and name.split(".")[-1] in keep_in_fp32:
+            raise ArtifactError(f"{folder / QUANTIZATION_MAP}: {name} is {entry['weights']}, and transformers casts "
+                                f"its input to the 4-bit weight's uint8; quantize the checkpoint again (the 4-bit "
+                                f"recipes now keep it in bf16)")
+
+
+def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype,
+               keep_in_fp32: list[str]) -> dict[str, torch.Tensor]:
+    """bf16 tensors in `dtype` (float32 for `keep_in_fp32` modules under float16); other dtypes as stored."""
+    if dtype == torch.bfloat16:
+        return state
+
+    def target(name: str) -> torch.dtype:
+        kept = dtype == torch.float16 and any(part in keep_in_fp32 for part in name.split("."))
+        return torch.float32 if kept else dtype
+    return {name: tensor.to(target(name)) if tensor.dtype == torch.bfloat16 else tensor
+            for name, tensor in state.items()}
+
+
 def _tied_aliases(model: torch.nn.Module) -> set[str]:
     named = model.named_parameters(remove_duplicate=False)
     unique = set(dict(model.named_parameters()))
     return {name for name, _ in named if name not in unique}
 
 
-def load_component(name: str, folder: Path, manifest: Manifest, verify: bool) -> object:
+def load_component(name: str, folder: Path, manifest: Manifest, verify: bool, dtype: torch.dtype) -> object:
     cls = COMPONENT_CLASSES[name]
     if issubclass(cls, torch.nn.Module):
         sha256s = shard_sha256s(manifest, name) if verify else None
-        return load_module(cls, folder / name, manifest.components[name], sha256s)
+        return load_module(cls, folder / name, manifest.components[name], sha256s, dtype)
     return cls.from_pretrained(folder / name)
 
 
-def load_pipeline(folder: Path, verify: bool = True) -> tuple[FluxPipeline, Manifest]:
-    """Read an artifact folder into a FluxPipeline on the CPU, every byte read once: the listing and the
-    small files are checked first, each weight shard's sha256 while it is turned into tensors."""
+def load_pipeline(folder: Path, verify: bool = True,
+                  dtype: torch.dtype = torch.bfloat16) -> tuple[FluxPipeline, Manifest]:
+    """Read an artifact folder into a FluxPipeline on the CPU, computing in `dtype` (bf16, or float16 for
+    GPUs without bf16), every byte read once: the listing and the small files are checked first, each
+    weight shard's sha256 while it is turned into tensors."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest.backend not in BACKENDS:
@@ -202,5 +231,5 @@ def load_pipeline(folder: Path, verify: bool = True) -> tuple[FluxPipeline, Mani
     if verify:
         check_listing(folder, manifest)
         verify_small_files(folder, manifest)
-    components = {name: load_component(name, folder, manifest, verify) for name in COMPONENT_CLASSES}
+    components = {name: load_component(name, folder, manifest, verify, dtype) for name in COMPONENT_CLASSES}
     return FluxPipeline(**components), manifest

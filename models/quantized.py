@@ -29,24 +29,25 @@ def bnb_int8_linear(linear: torch.nn.Linear, weight: torch.Tensor, scales: torch
     return module
 
 
-def bnb_4bit_linear(linear: torch.nn.Linear, packed: torch.Tensor, stats: dict[str, torch.Tensor]) -> bnb.nn.Linear4bit:
-    """nf4/fp4: packed 4-bit `weight` and its quantization state (absmax, maps, packed settings)."""
+def bnb_4bit_linear(linear: torch.nn.Linear, packed: torch.Tensor, stats: dict[str, torch.Tensor],
+                    dtype: torch.dtype = torch.bfloat16) -> bnb.nn.Linear4bit:
+    """nf4/fp4: packed 4-bit `weight` and its quantization state (absmax, maps, packed settings), computing in `dtype`."""
     module = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                               compute_dtype=torch.bfloat16, device="meta")
+                               compute_dtype=dtype, device="meta")
     module.weight = Params4bit.from_prequantized(packed, stats, device=packed.device, module=module)
     return module
 
 
-def gguf_linear(linear: torch.nn.Linear, blocks: torch.Tensor, ggml_type: str) -> GGUFLinear:
-    """diffusers' GGUF Linear over raw GGML blocks: dequantized at each call, in the compute dtype."""
+def gguf_linear(linear: torch.nn.Linear, blocks: torch.Tensor, ggml_type: str, dtype: torch.dtype) -> GGUFLinear:
+    """diffusers' GGUF Linear over raw GGML blocks: dequantized at each call, computing in `dtype`."""
     module = GGUFLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                        compute_dtype=torch.bfloat16, device="meta")
+                        compute_dtype=dtype, device="meta")
     module.weight = GGUFParameter(blocks, quant_type=GGMLQuantizationType[ggml_type])
     return module
 
 
 def rebuild(model: torch.nn.Module, state: dict[str, torch.Tensor], quantization: dict[str, dict],
-            backend: str) -> set[str]:
+            backend: str, dtype: torch.dtype = torch.bfloat16) -> set[str]:
     """Swap each mapped Linear of a meta-device `model` for its quantized module. bitsandbytes modules
     take their tensors out of `state` (their names are returned); quanto's load with `load_state_dict`."""
     before = set(state)
@@ -56,14 +57,14 @@ def rebuild(model: torch.nn.Module, state: dict[str, torch.Tensor], quantization
             module = quantize_module(linear, weights=entry["weights"])
             module.weight_group_size = entry.get("group_size")
         elif backend == "gguf":
-            module = gguf_linear(linear, state.pop(f"{name}.weight"), entry["ggml_type"])
+            module = gguf_linear(linear, state.pop(f"{name}.weight"), entry["ggml_type"], dtype)
         elif entry["weights"] == "int8":
             module = bnb_int8_linear(linear, state.pop(f"{name}.weight"), state.pop(f"{name}.SCB"))
             state.pop(f"{name}.weight_format", None)
         else:
             prefix = f"{name}.weight."
             stats = {key.removeprefix(prefix): state.pop(key) for key in [k for k in state if k.startswith(prefix)]}
-            module = bnb_4bit_linear(linear, state.pop(f"{name}.weight"), stats)
+            module = bnb_4bit_linear(linear, state.pop(f"{name}.weight"), stats, dtype)
         if backend != "quanto" and f"{name}.bias" in state:
             module.bias = torch.nn.Parameter(state.pop(f"{name}.bias"), requires_grad=False)
         model.set_submodule(name, module)

@@ -71,6 +71,11 @@ class Recipe:
                 "double_quant": self.double_quant, "kept_in_bf16": ",".join(kept)}
 
 
+# T5's `wo` casts its input to the weight's dtype unless that is int8 (transformers' fp16 guard): a 4-bit
+# weight is uint8, so a 4-bit `wo` would get its input truncated to integers. transformers' own bitsandbytes
+# loading keeps it unquantized; so do the 4-bit recipes.
+KEEP_4BIT = {"transformer": ("proj_out",), "text_encoder_2": ("*.wo",)}
+
 RECIPES = {
     recipe.name: recipe
     for recipe in (
@@ -79,8 +84,8 @@ RECIPES = {
         Recipe("fp8", "optimum-quanto float8 (e4m3) weights", "quanto", "qfloat8_e4m3fn"),
         Recipe("int8-bnb", "bitsandbytes LLM.int8() weights", "bitsandbytes", "int8"),
         Recipe("nf4", "bitsandbytes NF4, blocks of 64, double-quantized scales (QLoRA)", "bitsandbytes", "nf4",
-               double_quant=True),
-        Recipe("fp4", "bitsandbytes FP4, blocks of 64", "bitsandbytes", "fp4"),
+               double_quant=True, keep=KEEP_4BIT),
+        Recipe("fp4", "bitsandbytes FP4, blocks of 64", "bitsandbytes", "fp4", keep=KEEP_4BIT),
         Recipe("gguf", "a GGUF file's blocks kept as they are (Q8_0 ... Q4_0), served by diffusers' GGUF linear",
                "gguf", "gguf", components=("transformer",), keep={}),
     )

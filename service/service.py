@@ -15,8 +15,10 @@ import bentoml
 from starlette.responses import JSONResponse, Response
 
 from models.architecture import VARIANTS
-from models.artifact import load_pipeline
+from models.artifact import load_pipeline, read_manifest
+from models.kernels import choose_dtype, kernel_note, refusal, runnable
 from models.lora import architecture_id
+from models.sizes import module_bytes
 from service.fronts.auth import BearerAuth
 from service.fronts.gateway import Gateway, Rejected
 from service.fronts.grpc_front import GrpcFront
@@ -28,7 +30,12 @@ from service.jobs.results import ResultStore
 from service.observe import BATCHES, REQUEST_ID_HEADER, logger, new_request_id
 from service.runtime.adapters import AdapterCache
 from service.runtime.board import Board
-from service.runtime.device import device_and_budget, device_responds, hold_to_budget
+from service.runtime.device import (
+    capability_of,
+    device_and_budget,
+    device_responds,
+    hold_to_budget,
+)
 from service.runtime.placement import Placement, PlanError, plan_placement
 from service.runtime.prompts import PromptCache
 from service.runtime.render import Renderer
@@ -77,6 +84,14 @@ def stop_server(message: str) -> None:
     raise SystemExit(message)
 
 
+def check_card(artifact: bentoml.models.BentoModel, capability: tuple[int, int] | None, dtype) -> None:
+    """Stop at start when this card cannot run the artifact's recipe, naming the recipes it can run."""
+    recipe = read_manifest(Path(artifact.path)).recipe
+    if (reason := refusal(recipe, capability, dtype)) is not None:
+        stop_server(f"{artifact.tag}: {reason}; recipes this card runs in {str(dtype).removeprefix('torch.')}: "
+                    f"{', '.join(runnable(capability, dtype))}")
+
+
 def bucket_api(resolution: int):
     """The batching queue for requests whose larger side is at most `resolution` (and above the last)."""
     def generate(self, items: list[WorkItem]) -> list[Result]:
@@ -104,8 +119,11 @@ class FluxWorker:
 
     def __init__(self) -> None:
         self.device, budget = device_and_budget(SETTINGS.gpu_memory_gb)
-        pipe, self.manifest = load_pipeline(Path(self.artifact.path))
-        weights = {name: self.manifest.components[name].bytes for name in COMPONENTS}
+        self.capability = capability_of(self.device, SETTINGS.capability)
+        self.dtype = choose_dtype(SETTINGS.compute_dtype, self.capability)
+        check_card(self.artifact, self.capability, self.dtype)
+        pipe, self.manifest = load_pipeline(Path(self.artifact.path), dtype=self.dtype)
+        weights = {name: module_bytes(getattr(pipe, name)) for name in COMPONENTS}  # in the compute dtype
         lora_bytes = SETTINGS.lora_cache_mb * 2**20
         try:
             self.plan = plan_placement(weights, budget, SETTINGS.max_resolution, SETTINGS.max_batch_size,
@@ -125,7 +143,12 @@ class FluxWorker:
         self.renderer = Renderer(pipe, Placement(self.plan, self.device), self.cache, self.board, self.adapters)
         side = min(SETTINGS.warmup_size, SETTINGS.max_resolution)
         self.renderer.render([WorkItem(prompt="warm-up", width=side, height=side, steps=SETTINGS.warmup_steps)])
-        logger.info("serving %s (%s, %s)", self.artifact.tag, self.manifest.recipe, self.device)
+        logger.info("serving %s (%s, %s, %s: %s)", self.artifact.tag, self.manifest.recipe, self.device,
+                    str(self.dtype).removeprefix("torch."), self.kernels)
+
+    @property
+    def kernels(self) -> str:
+        return kernel_note(self.manifest.recipe, self.capability, self.dtype)
 
     generate_512, generate_768, generate_1024, generate_1536, generate_2048 = map(bucket_api, RESOLUTION_BUCKETS)
 
@@ -154,7 +177,10 @@ class FluxWorker:
                  "cached": len(self.adapters.entries), "cache_bytes": self.adapters.bytes,
                  "cache_limit_bytes": self.adapters.max_bytes}
         variant = VARIANTS[self.manifest.variant]
-        return {"artifact": str(self.artifact.tag), "device": str(self.device), "placement": self.plan.describe(),
+        card = {"capability": ".".join(map(str, self.capability)) if self.capability else None,
+                "compute_dtype": str(self.dtype).removeprefix("torch."), "kernels": self.kernels}
+        return {"artifact": str(self.artifact.tag), "device": str(self.device), "card": card,
+                "placement": self.plan.describe(),
                 "max_side": SETTINGS.max_resolution, "prompt_cache": cache, "loras": loras,
                 "defaults": {"steps": variant.steps, "guidance": variant.guidance, "max_steps": variant.max_steps,
                              "takes_guidance": variant.takes_guidance, "t5_tokens": variant.max_sequence_length},

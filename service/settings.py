@@ -2,7 +2,7 @@
 
 from functools import cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, FilePath, RedisDsn, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     warmup_size: int = Field(256, ge=64, description="warm up at this size; the largest you serve on a GPU")
     warmup_steps: int = Field(1, ge=1)
     gpu_memory_gb: float | None = Field(None, gt=0, description="memory budget; default: the whole device")
+    compute_dtype: Literal["auto", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bf16 on a CPU and on sm80+ GPUs, float16 on older ones (T4, V100)")
+    device_capability: str | None = Field(
+        None, pattern=r"^\d+\.\d$", description="take the GPU (or the CPU) for a card of this CUDA compute "
+        "capability, e.g. 7.5 for a T4: its compute dtype and kernel checks, to try a plan for a card you lack")
     max_resolution: int = Field(2048, ge=64, le=RESOLUTION_BUCKETS[-1], description="largest side the plan must fit")
     prompt_cache_mb: int = Field(1024, ge=0, description="cached prompt embeddings, host memory")
     lora_cache_mb: int = Field(512, ge=0, description="LoRA adapters kept in device memory (the plan reserves it)")
@@ -69,6 +74,11 @@ class Settings(BaseSettings):
         """The tokens of FLUX_API_KEYS and of FLUX_API_KEYS_FILE."""
         lines = Path(self.api_keys_file).read_text().splitlines() if self.api_keys_file else []
         return self.api_keys + tuple(line.strip() for line in lines if line.strip())
+
+    @property
+    def capability(self) -> tuple[int, int] | None:
+        """FLUX_DEVICE_CAPABILITY as (major, minor), when set."""
+        return tuple(map(int, self.device_capability.split("."))) if self.device_capability else None
 
     def latency_ms(self, bucket: int) -> int:
         return self.max_latency_ms.get(bucket, max(self.max_latency_ms.values()))

@@ -12,6 +12,13 @@ def device_and_budget(gpu_memory_gb: float | None) -> tuple[torch.device, int]:
     return torch.device("cuda"), int(gpu_memory_gb * GIB) if gpu_memory_gb else total
 
 
+def capability_of(device: torch.device, simulated: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The GPU's compute capability (None for a CPU), or the simulated one when configured."""
+    if simulated is not None:
+        return simulated
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
 def hold_to_budget(device: torch.device, budget: int) -> None:
     """Hold a bigger GPU to the configured budget, so a plan made for 16 GB is tested as 16 GB."""
     if device.type == "cuda":

@@ -70,7 +70,7 @@ class Renderer:
         self.adapters = adapters
         self.variant = variant_of(pipe.transformer.config)
         placement.apply(pipe)
-        if placement.device.type == "cpu":
+        if placement.device.type == "cpu" or pipe.vae.dtype == torch.float16:  # no fast bf16 / fp16 range
             decode_in_float32(pipe.vae)
         pipe.set_progress_bar_config(disable=True)
 
