@@ -9,6 +9,7 @@ file-backed pages (mapped files it touched, which the kernel can drop and read a
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,9 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from models.architecture import build_module
+from models.architecture import PRESETS, build_module
+from models.gguf_file import write_gguf
+from models.single_file import original_layout_shapes
 from models.tensors import ShardWriter
 
 QUANTIZE = """
@@ -39,11 +42,20 @@ def sample():  # /proc/self/status every 20 ms: anonymous memory and mapped file
                 peaks[key] = max(peaks[key], int(value.split()[0]) * 1024)
         time.sleep(0.02)
 threading.Thread(target=sample, daemon=True).start()
-source = Source(id=sys.argv[1], revision="synthetic", path=Path(sys.argv[1]))
+gguf = Path(sys.argv[4]) if len(sys.argv) > 4 else None  # a GGUF transformer in place of the diffusers shards
+source = Source(id=str(gguf or sys.argv[1]), revision="synthetic", path=Path(sys.argv[1]), transformer_file=gguf)
 write_component(source, "transformer", Path(sys.argv[2]), RECIPES[sys.argv[3]])
 print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "peak_anon_bytes": peaks["RssAnon"], "peak_file_bytes": peaks["RssFile"]}))
 """
+
+
+def write_config(folder: Path) -> torch.nn.Module:
+    """The full transformer's config.json, and the transformer on the meta device."""
+    with torch.device("meta"):
+        model = build_module("full", "transformer")
+    model.save_config(folder)
+    return model
 
 
 def write_synthetic_transformer(folder: Path, shard_bytes: int = 2 << 30) -> int:
@@ -52,9 +64,7 @@ def write_synthetic_transformer(folder: Path, shard_bytes: int = 2 << 30) -> int
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if index.is_file():
         return json.loads(index.read_text())["metadata"]["total_size"]
-    with torch.device("meta"):
-        model = build_module("full", "transformer")
-    model.save_config(folder)
+    model = write_config(folder)
     writer = ShardWriter(folder, shard_bytes, name="diffusion_pytorch_model")
     generator = torch.Generator().manual_seed(0)
     for name, meta in track(list(model.state_dict().items()), description="writing synthetic checkpoint"):
@@ -63,10 +73,20 @@ def write_synthetic_transformer(folder: Path, shard_bytes: int = 2 << 30) -> int
     return writer.total
 
 
-def quantize_in_fresh_process(source: Path, out: Path, recipe: str) -> dict:
+def write_synthetic_gguf(path: Path, ggml_type: str) -> int:
+    """The full transformer in city96's GGUF layout, random weights (std 0.02), one tensor in memory at a
+    time; returns its bytes in bf16 (kept and reused when a previous run wrote it)."""
+    shapes = original_layout_shapes(PRESETS["full"].transformer_config())
+    if not path.is_file():
+        generator = torch.Generator().manual_seed(0)
+        write_gguf(path, shapes, lambda name: torch.randn(shapes[name], generator=generator) * 0.02, ggml_type)
+    return sum(math.prod(shape) * 2 for shape in shapes.values())
+
+
+def quantize_in_fresh_process(source: Path, out: Path, recipe: str, gguf: Path | None = None) -> dict:
     started = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", QUANTIZE, str(source), str(out), recipe], check=True,
-                         capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", QUANTIZE, str(source), str(out), recipe, *([str(gguf)] if gguf else [])],
+                         check=True, capture_output=True, text=True)
     wall = time.perf_counter() - started
     peaks = json.loads(run.stdout.splitlines()[-1])
     artifact = sum(path.stat().st_size for path in out.iterdir() if path.suffix == ".safetensors")
@@ -79,19 +99,26 @@ def main() -> None:
     parser.add_argument("--recipes", default="int8,int4", help="comma-separated recipe names")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the artifacts (bench.cold_start reads them)")
+    parser.add_argument("--gguf", metavar="TYPE", help="stream a synthetic GGUF file of this GGML type (Q8_0, Q4_0, "
+                        "...) instead of the diffusers shards (the transformer config still comes from them)")
     args = parser.parse_args()
     source = args.work / "source" / "transformer"
     started = time.perf_counter()
-    bf16_bytes = write_synthetic_transformer(source)
-    print(f"synthetic checkpoint: {bf16_bytes:,} bytes, ready in {time.perf_counter() - started:.0f} s")
+    gguf = args.work / f"flux1-dev-synthetic-{args.gguf}.gguf" if args.gguf else None
+    if gguf:
+        write_config(source)
+        bf16_bytes = write_synthetic_gguf(gguf, args.gguf)
+    else:
+        bf16_bytes = write_synthetic_transformer(source)
+    print(f"synthetic checkpoint: {bf16_bytes:,} bytes in bf16, ready in {time.perf_counter() - started:.0f} s")
     results = []
     for recipe in args.recipes.split(","):
         out = args.work / recipe
         shutil.rmtree(out, ignore_errors=True)
-        results.append(quantize_in_fresh_process(args.work / "source", out, recipe) | {"bf16_bytes": bf16_bytes})
+        results.append(quantize_in_fresh_process(args.work / "source", out, recipe, gguf) | {"bf16_bytes": bf16_bytes})
         if not args.keep:
             shutil.rmtree(out)
-    table = Table(title="full FLUX.1-dev transformer, streamed")
+    table = Table(title=f"full FLUX.1-dev transformer, streamed from {gguf.name if gguf else 'bf16 shards'}")
     for column in ("recipe", "wall", "peak RSS", "peak anon", "peak file-backed", "artifact bytes", "× bf16"):
         table.add_column(column, justify="right")
     for r in results:

@@ -7,6 +7,8 @@ numbers); a tensor is read from the memory-mapped file one piece at a time, and 
 """
 
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -75,22 +77,27 @@ def to_original_layout(state: dict[str, torch.Tensor], config: dict) -> dict[str
     return original
 
 
-def write_gguf(path: Path, original: dict[str, torch.Tensor], ggml_type: str) -> Path:
-    """A GGUF file as city96's are made: 2-D weights whose rows split into whole blocks quantized to `ggml_type`
-    by the gguf package, everything else (biases, norms) F32."""
+def write_gguf(path: Path, shapes: dict[str, tuple[int, ...]], values: Callable[[str], torch.Tensor],
+               ggml_type: str) -> Path:
+    """A GGUF file as city96's are made, one tensor in memory at a time (`values(name)` gives each): 2-D weights
+    whose rows split into whole blocks quantized to `ggml_type` by the gguf package, the rest (biases,
+    norms) F32."""
     qtype = GGMLQuantizationType[ggml_type]
-    block = GGML_QUANT_SIZES[qtype][0]
+    block, size = GGML_QUANT_SIZES[qtype]
+    quantized = {name for name, shape in shapes.items() if len(shape) == 2 and shape[1] % block == 0}
     writer = GGUFWriter(path, arch="flux")
-    for name, tensor in original.items():
-        values = tensor.float().numpy()
-        if values.ndim == 2 and values.shape[1] % block == 0:
-            data = quants.quantize(values, qtype)
-            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+    for name, shape in shapes.items():  # the header first: every tensor's name, type and size
+        if name in quantized:
+            writer.add_tensor_info(name, (shape[0], shape[1] // block * size), np.dtype(np.uint8),
+                                   shape[0] * shape[1] // block * size, raw_dtype=qtype)
         else:
-            writer.add_tensor(name, values)
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), math.prod(shape) * 4)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for name in shapes:
+        data = values(name).float().numpy()
+        writer.write_tensor_data(quants.quantize(data, qtype) if name in quantized else data)
     writer.close()
     return path
 
@@ -99,5 +106,6 @@ def gguf_from_diffusers(transformer_folder: Path, path: Path, ggml_type: str) ->
     """A diffusers transformer folder (config + safetensors) written as a GGUF file of `ggml_type`."""
     config = json.loads((transformer_folder / "config.json").read_text())
     files = TensorFiles(sorted(transformer_folder.glob("*.safetensors")))
-    state = {name: files.get(name) for name in files.keys()}
-    return write_gguf(path, to_original_layout(state, config), ggml_type)
+    original = to_original_layout({name: files.get(name) for name in files.keys()}, config)
+    return write_gguf(path, {name: tuple(tensor.shape) for name, tensor in original.items()}, original.__getitem__,
+                      ggml_type)

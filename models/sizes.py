@@ -8,6 +8,7 @@ growing with pixels (bounded by tiling).
 from functools import cache
 
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from models.architecture import build_module
 
@@ -19,7 +20,6 @@ VAE_BYTES_PER_PIXEL = 128 * 2 * 8  # widest decoder block (128 ch at full resolu
 VAE_TILE = 512  # diffusers' tile size: tiled decoding costs what a 512² decode costs
 
 
-GGUF_BYTES_PER_WEIGHT = 34 / 32  # Q8_0, the largest quantized GGML type: 32 int8 and an fp16 scale per block
 DEFAULT_GROUP_SIZE = {"int4": 128, "nf4": 64, "fp4": 64}  # quanto's int4 groups, bitsandbytes' 4-bit blocks
 
 
@@ -28,12 +28,16 @@ def bytes_per_weight(weights: str, group_size: int | None = None, double_quant: 
 
     bf16; int8 and float8 (quanto, LLM.int8); int4: groups with a bf16 scale and shift (quanto);
     nf4/fp4: blocks with an fp32 absmax, or a uint8 absmax plus an fp32 per 256 blocks when double
-    quantized (bitsandbytes); gguf: at most Q8_0's (the file's own types decide: Q4_0 is 0.5625).
+    quantized (bitsandbytes); a GGML type (Q8_0, Q4_0, ...): its block's bytes over its weights; gguf: the
+    file's own types decide, counted as Q8_0, the largest.
     """
     if weights in ("int4", "nf4", "fp4"):
         per_group = 4 if weights == "int4" else (1 + 4 / 256 if double_quant else 4)
         return 0.5 + per_group / (group_size or DEFAULT_GROUP_SIZE[weights])
-    return {"bf16": 2.0, "int8": 1.0, "float8": 1.0, "gguf": GGUF_BYTES_PER_WEIGHT}[weights]
+    if weights in GGMLQuantizationType.__members__:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[weights]]
+        return size / block
+    return {"bf16": 2.0, "int8": 1.0, "float8": 1.0, "gguf": bytes_per_weight("Q8_0")}[weights]
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -50,6 +54,15 @@ def parameter_counts(preset_name: str, component: str) -> tuple[int, int]:
     linear = sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
     total = sum(p.numel() for p in module.parameters())
     return linear, total - linear
+
+
+@cache
+def linear_layers(preset_name: str, component: str) -> dict[str, tuple[int, int]]:
+    """Every Linear layer by module name: (weights, input features)."""
+    with torch.device("meta"):
+        module = build_module(preset_name, component)
+    return {name: (m.weight.numel(), m.in_features) for name, m in module.named_modules()
+            if isinstance(m, torch.nn.Linear)}
 
 
 def expected_bytes(preset_name: str, component: str, linear_bytes_per_weight: float = 2.0) -> int:

@@ -13,7 +13,6 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from models.sizes import expected_bytes
 from models.source import DEFAULT_BASE, SourceError, resolve_source
 from quantize import lora
 from quantize.recipes import RECIPES
@@ -65,8 +64,7 @@ def recipe_table() -> Table:
     for column in ("recipe", "what", "transformer", "T5 encoder", "whole artifact"):
         table.add_column(column, justify="left" if column in ("recipe", "what") else "right")
     for recipe in RECIPES.values():
-        sizes = {c: expected_bytes("full", c, recipe.bytes_per_weight if c in recipe.components else 2.0)
-                 for c in COMPONENTS}
+        sizes = {c: recipe.memory_bytes("full", c) for c in COMPONENTS}
         table.add_row(recipe.name, recipe.description, f"{sizes['transformer'] / 1e9:.2f} GB",
                       f"{sizes['text_encoder_2'] / 1e9:.2f} GB", f"{sum(sizes.values()) / 1e9:.2f} GB")
     return table

@@ -6,13 +6,15 @@ from fnmatch import fnmatch
 import bitsandbytes as bnb
 import torch
 from diffusers import FluxPipeline
+from transformers import T5EncoderModel
 from optimum.quanto import AbsmaxOptimizer, MaxOptimizer, qtypes, quantize_weight
 from optimum.quanto.nn import quantize_module
 
 from models.quantized import bnb_4bit_linear, bnb_int8_linear
-from models.sizes import DEFAULT_GROUP_SIZE, bytes_per_weight
+from models.sizes import DEFAULT_GROUP_SIZE, bytes_per_weight, linear_layers, parameter_counts
 
 QUANTIZABLE = ("transformer", "text_encoder_2", "text_encoder")
+FP32_IN_FLOAT16 = {"text_encoder_2": tuple(T5EncoderModel._keep_in_fp32_modules)}  # as transformers keeps them
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,28 @@ class Recipe:
 
     def quantizes(self, component: str, name: str, module: torch.nn.Module) -> bool:
         """Whether this Linear is quantized: not kept in bf16, and its rows split into whole groups."""
-        if self.backend == "gguf" or component not in self.components or not isinstance(module, torch.nn.Linear):
+        return isinstance(module, torch.nn.Linear) and self.quantizes_linear(component, name, module.in_features)
+
+    def quantizes_linear(self, component: str, name: str, in_features: int) -> bool:
+        if self.backend == "gguf" or component not in self.components:
             return False
         if any(fnmatch(name, pattern) for pattern in self.keep.get(component, ())):
             return False
-        return self.groups is None or module.in_features % self.groups == 0
+        return self.groups is None or in_features % self.groups == 0
+
+    def memory_bytes(self, preset_name: str, component: str, dtype: torch.dtype = torch.bfloat16) -> int:
+        """A component's weights as loaded to compute in `dtype`: quantized Linear layers at the recipe's bytes,
+        the rest at 2 bytes, and under float16 T5's kept `wo` layers at 4 (models.artifact.cast_state)."""
+        linear, other = parameter_counts(preset_name, component)
+        total = other * 2
+        blocks_kept = self.backend == "gguf" and component in self.components  # at Q8_0's size, the largest
+        for name, (weights, in_features) in linear_layers(preset_name, component).items():
+            if blocks_kept or self.quantizes_linear(component, name, in_features):
+                total += weights * self.bytes_per_weight
+            else:
+                in_fp32 = dtype == torch.float16 and name.split(".")[-1] in FP32_IN_FLOAT16.get(component, ())
+                total += weights * (4 if in_fp32 else 2)
+        return int(total)
 
     def manifest_entry(self, kept: list[str]) -> dict:
         """What the manifest records for a component quantized with this recipe."""
@@ -86,7 +105,7 @@ RECIPES = {
         Recipe("nf4", "bitsandbytes NF4, blocks of 64, double-quantized scales (QLoRA)", "bitsandbytes", "nf4",
                double_quant=True, keep=KEEP_4BIT),
         Recipe("fp4", "bitsandbytes FP4, blocks of 64", "bitsandbytes", "fp4", keep=KEEP_4BIT),
-        Recipe("gguf", "a GGUF file's blocks kept as they are (Q8_0 ... Q4_0), served by diffusers' GGUF linear",
+        Recipe("gguf", "a GGUF file's own blocks, served as they are (sizes: Q8_0; Q4_0 is 0.53×)",
                "gguf", "gguf", components=("transformer",), keep={}),
     )
 }
