@@ -18,6 +18,7 @@ from PIL import Image
 from models.architecture import build_pipeline
 from models.artifact import ArtifactError, load_pipeline
 from models.kernels import KERNELS, choose_dtype, kernel_note, refusal, runnable
+from models.sizes import linear_layers
 from quantize.recipes import RECIPES
 from service.launcher import running_server, serve_command
 from service.runtime.placement import Placement
@@ -141,3 +142,19 @@ def test_a_4bit_t5_wo_layer_from_an_older_artifact_is_refused(tiny_tag, tmp_path
     mapping.write_text(json.dumps(entries))
     with pytest.raises(ArtifactError, match="DenseReluDense.wo is nf4, and transformers casts its input"):
         load_pipeline(folder, verify=False)
+
+
+def test_recipe_memory_counts_t5_s_kept_layers_as_the_card_loads_them():
+    nf4, int8 = RECIPES["nf4"], RECIPES["int8"]
+    wo = sum(weights for name, (weights, _) in linear_layers("full", "text_encoder_2").items() if name.endswith(".wo"))
+    assert nf4.memory_bytes("full", "text_encoder_2", torch.float16) - nf4.memory_bytes("full", "text_encoder_2") == 2 * wo
+    assert int8.memory_bytes("full", "text_encoder_2", torch.float16) == int8.memory_bytes("full", "text_encoder_2")
+
+
+def test_the_planner_table_refuses_llm_int8_on_a_v100_and_plans_the_t4_in_float16():
+    from bench.planner import CARDS, decision
+
+    v100, t4 = (next(card for card in CARDS if card.name.startswith(prefix)) for prefix in ("V100", "T4"))
+    assert decision(v100, RECIPES["int8-bnb"]).startswith("refused: recipe int8-bnb runs LLM.int8()")
+    assert decision(t4, RECIPES["int4"]).endswith("(no fused kernel)")
+    assert decision(t4, RECIPES["nf4"]).startswith("resident")
