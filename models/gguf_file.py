@@ -2,8 +2,8 @@
 
 The files hold BFL's single-file layout, each tensor in a GGML type: quantized blocks (Q8_0, Q4_0, Q4_K,
 ...) or plain F32/F16/BF16. Keys are converted as for the single file (diffusers' converter run on row
-numbers); a tensor is read from the memory-mapped file one piece at a time, and either dequantized by the
-`gguf` package (any recipe) or handed over as its raw blocks (the `gguf` recipe keeps them).
+numbers); a tensor is read from the file one piece at a time (the header through gguf's reader), and either
+dequantized by the `gguf` package (any recipe) or handed over as its raw blocks (the `gguf` recipe keeps them).
 """
 
 import json
@@ -47,14 +47,22 @@ class GGUFTransformer(SingleFileTransformer):
     def is_quantized(self, name: str) -> bool:
         return self.ggml_type(name) not in PLAIN_TYPES
 
+    def raw_rows(self, key: str, first: int, last: int) -> np.ndarray:
+        """Rows of a source tensor as stored, read from the file (not through the reader's mapping, whose pages
+        would stay resident: the whole file by the end of a run)."""
+        tensor = self.by_name[key]
+        row_bytes = tensor.n_bytes // tensor.data.shape[0]
+        raw = np.fromfile(self.files[key], dtype=np.uint8, count=(last - first) * row_bytes,
+                          offset=tensor.data_offset + first * row_bytes)
+        return raw.view(tensor.data.dtype).reshape(last - first, *tensor.data.shape[1:])
+
     def source_rows(self, key: str, first: int, last: int) -> torch.Tensor:
         """Rows of a source tensor, dequantized (float32) by the gguf package."""
-        tensor = self.by_name[key]
-        return torch.from_numpy(quants.dequantize(tensor.data[first:last], tensor.tensor_type).copy())
+        return torch.from_numpy(quants.dequantize(self.raw_rows(key, first, last), self.by_name[key].tensor_type))
 
     def blocks(self, name: str) -> torch.Tensor:
         """A quantized diffusers tensor as its raw GGML blocks: one row of bytes per output row."""
-        parts = [torch.from_numpy(np.array(self.by_name[self.source_keys[number]].data[first:last]))
+        parts = [torch.from_numpy(self.raw_rows(self.source_keys[number], first, last))
                  for number, first, last in self.pieces[name]]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
