@@ -207,7 +207,8 @@ def _tied_aliases(model: torch.nn.Module) -> set[str]:
     return {name for name, _ in named if name not in unique}
 
 
-def load_component(name: str, folder: Path, manifest: Manifest, verify: bool, dtype: torch.dtype) -> object:
+def load_component(name: str, folder: Path, manifest: Manifest, verify: bool,
+                   dtype: torch.dtype = torch.bfloat16) -> object:
     cls = COMPONENT_CLASSES[name]
     if issubclass(cls, torch.nn.Module):
         sha256s = shard_sha256s(manifest, name) if verify else None
