@@ -1,9 +1,10 @@
 # Two commands: `make demo` and `make test`. Everything else is a step they share.
+# `make test`: lint, docs and the fast tier (minutes); `make test-all`: the slow tier (medium models) and containers.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 TINY := build/flux-tiny
 
-.PHONY: install demo test tiny bento bench clean redis-server container container-test container-tools
+.PHONY: install demo test test-all lint docs gpu-check tiny bento bench clean redis-server container container-test container-tools
 install: $(VENV)/installed
 
 # torch first, pinned: the CPU build from local disk on CPU machines, not a multi-GB CUDA build.
@@ -22,8 +23,22 @@ demo: tiny
 	$(PYTHON) -m quantize $(TINY) --recipe int4 --group-size 64  # tiny layers have 64 inputs
 	$(PYTHON) -m service.demo --out build/demo.png
 
-test: install redis-server
-	$(PYTHON) -m pytest
+# Files go whole to one of two workers (module-scoped servers start once); the 15 slowest tests are printed.
+PYTEST := $(PYTHON) -m pytest -n 2 --dist loadfile --durations=15
+
+test: lint docs redis-server
+	$(PYTEST)
+
+test-all: install redis-server
+	$(PYTEST) -m slow
+	$(MAKE) container-test
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 # The jobs tests run a real Redis: Debian's redis-server, installed here when missing (as root).
 redis-server:
@@ -52,6 +67,10 @@ container-tools:
 	  command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap prometheus >/dev/null; } || \
 	  { echo "missing podman, runc, debootstrap or prometheus: apt-get install them as root" >&2; exit 1; }
+
+# The GPU claims measured in one call (bench/gpu.py; docs/gpu.md): on a CUDA machine, at most ~8 minutes.
+gpu-check: install
+	$(PYTHON) -m bench.gpu --out build/gpu
 
 bench: install
 	$(PYTHON) -m bench --serve $(ARTIFACT) --out build/bench

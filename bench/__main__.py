@@ -46,8 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overhead-size", type=int, default=1024, help="side of the overhead requests")
     parser.add_argument("--overhead-steps", type=int, default=4)
     parser.add_argument("--gpu-usd-per-hour", type=float, default=2.0, help="what one replica's GPU costs")
-    parser.add_argument("--jobs", action="store_true", help="compare the job queue with the synchronous path "
-                        "instead (with --serve: starts a local Redis and S3 server for it)")
+    parser.add_argument(
+        "--jobs",
+        action="store_true",
+        help="compare the job queue with the synchronous path "
+        "instead (with --serve: starts a local Redis and S3 server for it)",
+    )
     parser.add_argument("--jobs-size", type=int, default=256)
     parser.add_argument("--jobs-steps", type=int, default=4)
     parser.add_argument("--jobs-concurrency", type=int, default=4)
@@ -69,11 +73,15 @@ def sweep(args, mix: list[dict]) -> list[LevelResult]:
                 progress.update(task, description=f"{protocol} × {concurrency}")
                 before = batch_histogram(httpx.get(f"{args.url}/metrics").text)
                 wall, latencies, statuses = run_level(
-                    callers[protocol], request_stream(mix, args.requests, seed0=concurrency * 1000), concurrency,
-                    on_done=lambda: progress.advance(task))
+                    callers[protocol],
+                    request_stream(mix, args.requests, seed0=concurrency * 1000),
+                    concurrency,
+                    on_done=lambda: progress.advance(task),
+                )
                 after = batch_histogram(httpx.get(f"{args.url}/metrics").text)
-                results.append(LevelResult(protocol, concurrency, wall, latencies, statuses,
-                                           batches_between(before, after)))
+                results.append(
+                    LevelResult(protocol, concurrency, wall, latencies, statuses, batches_between(before, after))
+                )
     return results
 
 
@@ -94,9 +102,14 @@ def serving_overhead(args, artifact_tag: str) -> dict:
         httpx.post(f"{args.url}/txt2img", json=request.model_dump(), timeout=900).raise_for_status()
         served.append(time.perf_counter() - started)
     median_direct, median_served = statistics.median(direct), statistics.median(served)
-    return {"requests": len(requests), **shape, "in_process_median_s": median_direct,
-            "served_median_s": median_served, "overhead_s": median_served - median_direct,
-            "ratio": median_served / median_direct}
+    return {
+        "requests": len(requests),
+        **shape,
+        "in_process_median_s": median_direct,
+        "served_median_s": median_served,
+        "overhead_s": median_served - median_direct,
+        "ratio": median_served / median_direct,
+    }
 
 
 def print_table(summaries: list[dict], overhead: dict) -> None:
@@ -104,14 +117,26 @@ def print_table(summaries: list[dict], overhead: dict) -> None:
     for column in ("protocol", "conc.", "ok", "errors", "img/s", "p50 s", "p95 s", "p99 s", "$/image", "batches"):
         table.add_column(column, justify="right")
     for s in summaries:
-        table.add_row(s["protocol"], str(s["concurrency"]), str(s["ok"]), str(s["errors_by_status"] or "-"),
-                      f"{s['images_per_s']:.2f}", f"{s['p50_s']:.3f}", f"{s['p95_s']:.3f}", f"{s['p99_s']:.3f}",
-                      f"{s['usd_per_image']:.6f}", " ".join(f"{k}:{v}" for k, v in s["batches"].items()))
+        table.add_row(
+            s["protocol"],
+            str(s["concurrency"]),
+            str(s["ok"]),
+            str(s["errors_by_status"] or "-"),
+            f"{s['images_per_s']:.2f}",
+            f"{s['p50_s']:.3f}",
+            f"{s['p95_s']:.3f}",
+            f"{s['p99_s']:.3f}",
+            f"{s['usd_per_image']:.6f}",
+            " ".join(f"{k}:{v}" for k, v in s["batches"].items()),
+        )
     Console(width=160).print(table)
-    print(f"serving overhead at {overhead['width']}x{overhead['height']}, {overhead['steps']} steps: "
-          f"+{overhead['overhead_s'] * 1000:.0f} ms, {overhead['ratio']:.3f}x  (median {overhead['served_median_s']:.3f} s "
-          f"over HTTP vs {overhead['in_process_median_s']:.3f} s in-process to an encoded image, "
-          f"{overhead['requests']} requests, one at a time)")
+    print(
+        f"serving overhead at {overhead['width']}x{overhead['height']}, {overhead['steps']} steps: "
+        f"+{overhead['overhead_s'] * 1000:.0f} ms, {overhead['ratio']:.3f}x  "
+        f"(median {overhead['served_median_s']:.3f} s "
+        f"over HTTP vs {overhead['in_process_median_s']:.3f} s in-process to an encoded image, "
+        f"{overhead['requests']} requests, one at a time)"
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -120,9 +145,15 @@ def run(args: argparse.Namespace) -> dict:
     summaries = [level.summary(args.gpu_usd_per_hour) for level in sweep(args, mix)]
     overhead = serving_overhead(args, info["artifact"])
     print_table(summaries, overhead)
-    return {"machine": {"platform": platform.platform(), "processor": platform.processor(), "device": info["device"]},
-            "artifact": info["artifact"], "recipe": info["recipe"], "gpu_usd_per_hour": args.gpu_usd_per_hour,
-            "mix": mix, "levels": summaries, "overhead": overhead}
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "device": info["device"]},
+        "artifact": info["artifact"],
+        "recipe": info["recipe"],
+        "gpu_usd_per_hour": args.gpu_usd_per_hour,
+        "mix": mix,
+        "levels": summaries,
+        "overhead": overhead,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,12 +164,20 @@ def main(argv: list[str] | None = None) -> int:
             env = {"FLUX_ARTIFACT": args.serve, "FLUX_GRPC_ADDRESS": args.grpc_target}
             if args.jobs:
                 env |= local_backends(stack, args.out)
-            args.url = stack.enter_context(running_server(int(args.url.rsplit(":", 1)[1]), args.out / "server.log", env))
+            args.url = stack.enter_context(
+                running_server(int(args.url.rsplit(":", 1)[1]), args.out / "server.log", env)
+            )
         try:
             check_reachable(args.url)
             if args.jobs:
-                report = jobs_vs_sync(args.url, args.jobs_size, args.jobs_steps, args.requests, args.jobs_concurrency,
-                                      args.gpu_usd_per_hour)
+                report = jobs_vs_sync(
+                    args.url,
+                    args.jobs_size,
+                    args.jobs_steps,
+                    args.requests,
+                    args.jobs_concurrency,
+                    args.gpu_usd_per_hour,
+                )
                 print_jobs(report)
                 (args.out / "bench-jobs.json").write_text(json.dumps(report, indent=2))
                 return 0
@@ -147,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[red]error:[/red] {error}")
             return 2
     (args.out / "bench.json").write_text(json.dumps(report, indent=2))
-    plot_levels(report["levels"], args.out / "bench.png", title=f"{report['artifact']} on {report['machine']['device']}")
+    plot_levels(
+        report["levels"], args.out / "bench.png", title=f"{report['artifact']} on {report['machine']['device']}"
+    )
     print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
     return 0
 

@@ -21,10 +21,14 @@ from models.artifact import MANIFEST, hash_files
 REPO = Path(__file__).resolve().parents[1]
 LOAD_ARTIFACT = "from models.artifact import load_pipeline; load_pipeline({folder!r})"
 LOAD_SHARDS = {  # the shard reader's signature changed: before, it took no digests (files were hashed first)
-    "now": ("import json; from pathlib import Path; from models.tensors import read_shards; "
-            "read_shards(Path({folder!r}), json.loads({hashes!r}))"),
-    "before": ("from pathlib import Path; from models.artifact import sha256_file; from models.tensors import "
-               "read_shards; [sha256_file(p) for p in sorted(Path({folder!r}).iterdir())]; read_shards(Path({folder!r}))"),
+    "now": (
+        "import json; from pathlib import Path; from models.tensors import read_shards; "
+        "read_shards(Path({folder!r}), json.loads({hashes!r}))"
+    ),
+    "before": (
+        "from pathlib import Path; from models.artifact import sha256_file; from models.tensors import "
+        "read_shards; [sha256_file(p) for p in sorted(Path({folder!r}).iterdir())]; read_shards(Path({folder!r}))"
+    ),
 }
 
 
@@ -39,10 +43,18 @@ def drop_page_cache() -> bool:
 
 def load_seconds(code: str, checkout: Path) -> float:
     """The load alone, in a fresh process of `checkout` (imports excluded: they cost the same either way)."""
-    program = ("import time, models.artifact, models.tensors\nstarted = time.perf_counter()\n" + code.replace("; ", "\n")
-               + "\nprint(time.perf_counter() - started)")
-    result = subprocess.run([sys.executable, "-c", program], cwd=checkout, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(checkout)})
+    program = (
+        "import time, models.artifact, models.tensors\nstarted = time.perf_counter()\n"
+        + code.replace("; ", "\n")
+        + "\nprint(time.perf_counter() - started)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(checkout)},
+    )
     if result.returncode:
         raise SystemExit(f"{checkout}: the load failed:\n{result.stderr[-2000:]}")
     return float(result.stdout.split()[-1])
@@ -78,8 +90,10 @@ def main() -> None:
     args = parser.parse_args()
     for folder in args.folders:
         f = measure(folder.resolve(), args.before.resolve() if args.before else None)
-        line = (f"{folder} ({f['bytes'] / 1e9:.2f} GB, page cache dropped: {f['cache_dropped']}): cat {f['cat_s']:.2f} s; "
-                f"load now {f['now_s']:.2f} s ({f['now_over_cat']:.2f}x)")
+        line = (
+            f"{folder} ({f['bytes'] / 1e9:.2f} GB, page cache dropped: {f['cache_dropped']}): cat {f['cat_s']:.2f} s; "
+            f"load now {f['now_s']:.2f} s ({f['now_over_cat']:.2f}x)"
+        )
         if args.before:
             line += f"; load before {f['before_s']:.2f} s ({f['before_over_cat']:.2f}x)"
         print(line, flush=True)

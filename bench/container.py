@@ -22,11 +22,38 @@ NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
 def run_container(image: str, artifact: str, port: int) -> str:
     name = f"flux-bench-{port}"
-    subprocess.run([*PODMAN, "run", "-d", "--rm", "--name", name, "--network", "host", "--read-only",
-                    "--user", "1034:1034", "--ulimit", f"nofile={NOFILE}:{NOFILE}", "--ulimit", "nproc=32768:32768",
-                    "--tmpfs", "/tmp:rw,mode=1777", "--tmpfs", "/home/bentoml/prometheus_multiproc_dir:rw,mode=1777",
-                    "-e", f"FLUX_ARTIFACT={artifact}", "-e", f"PORT={port}", "-e",
-                    f"FLUX_GRPC_ADDRESS=127.0.0.1:{free_port()}", image], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *PODMAN,
+            "run",
+            "-d",
+            "--rm",
+            "--name",
+            name,
+            "--network",
+            "host",
+            "--read-only",
+            "--user",
+            "1034:1034",
+            "--ulimit",
+            f"nofile={NOFILE}:{NOFILE}",
+            "--ulimit",
+            "nproc=32768:32768",
+            "--tmpfs",
+            "/tmp:rw,mode=1777",
+            "--tmpfs",
+            "/home/bentoml/prometheus_multiproc_dir:rw,mode=1777",
+            "-e",
+            f"FLUX_ARTIFACT={artifact}",
+            "-e",
+            f"PORT={port}",
+            "-e",
+            f"FLUX_GRPC_ADDRESS=127.0.0.1:{free_port()}",
+            image,
+        ],
+        check=True,
+        capture_output=True,
+    )
     return name
 
 
@@ -67,13 +94,19 @@ def main() -> None:
         host = latencies(f"http://127.0.0.1:{port}", body, args.requests)
     finally:
         stop(process)
-    report = {**body, "requests": args.requests, "container_median_s": statistics.median(container),
-              "host_median_s": statistics.median(host)}
+    report = {
+        **body,
+        "requests": args.requests,
+        "container_median_s": statistics.median(container),
+        "host_median_s": statistics.median(host),
+    }
     report["ratio"] = report["container_median_s"] / report["host_median_s"]
     (args.out / "container.json").write_text(json.dumps(report, indent=2))
-    print(f"{args.size}², {args.steps} steps, {args.requests} requests one at a time: container "
-          f"{report['container_median_s']:.3f} s, host {report['host_median_s']:.3f} s (medians), "
-          f"container/host {report['ratio']:.3f}x")
+    print(
+        f"{args.size}², {args.steps} steps, {args.requests} requests one at a time: container "
+        f"{report['container_median_s']:.3f} s, host {report['host_median_s']:.3f} s (medians), "
+        f"container/host {report['ratio']:.3f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -35,30 +35,53 @@ def measure(source_folder: Path, kind: str, work: Path, reference, size: int, st
     pipe = load_pipeline(folder)[0]  # every shard's sha256 checked, as the service loads it
     load_s = time.perf_counter() - started
     quality = compare(reference, render(pipe, size, steps), size, steps)
-    return {"type": kind, "load_s": load_s,
-            "components": {name: c.bytes for name, c in stored.manifest.components.items()}, **quality.model_dump()}
+    return {
+        "type": kind,
+        "load_s": load_s,
+        "components": {name: c.bytes for name, c in stored.manifest.components.items()},
+        **quality.model_dump(),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.gguf", description=__doc__)
     parser.add_argument("source", type=Path, help="a diffusers FLUX folder")
-    parser.add_argument("--types", default="Q8_0,Q5_0,Q4_1,Q4_0,int8,nf4",
-                        help="GGML types the gguf package writes, and recipes of ours to set beside them")
+    parser.add_argument(
+        "--types",
+        default="Q8_0,Q5_0,Q4_1,Q4_0,int8,nf4",
+        help="GGML types the gguf package writes, and recipes of ours to set beside them",
+    )
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
     reference = render(load_source_pipeline(resolve_source(str(args.source))), args.size, args.steps)
     with tempfile.TemporaryDirectory() as work:
-        results = [measure(args.source, kind, Path(work), reference, args.size, args.steps)
-                   for kind in args.types.split(",")]
+        results = [
+            measure(args.source, kind, Path(work), reference, args.size, args.steps) for kind in args.types.split(",")
+        ]
     table = Table(title=f"gguf artifacts of {args.source.name}, quality vs bf16 at {args.size}², {args.steps} steps")
-    for column in ("GGUF type / recipe", "transformer bytes", "whole artifact", "image PSNR", "image SSIM", "latent PSNR",
-                   "latent SSIM", "load (sha256 checked)"):
+    for column in (
+        "GGUF type / recipe",
+        "transformer bytes",
+        "whole artifact",
+        "image PSNR",
+        "image SSIM",
+        "latent PSNR",
+        "latent SSIM",
+        "load (sha256 checked)",
+    ):
         table.add_column(column, justify="right")
     for r in results:
-        table.add_row(r["type"], f"{r['components']['transformer']:,}", f"{sum(r['components'].values()):,}",
-                      f"{r['image_psnr_db']:.2f} dB", f"{r['image_ssim']:.4f}", f"{r['latent_psnr_db']:.2f} dB",
-                      f"{r['latent_ssim']:.4f}", f"{r['load_s']:.2f} s")
+        table.add_row(
+            r["type"],
+            f"{r['components']['transformer']:,}",
+            f"{sum(r['components'].values()):,}",
+            f"{r['image_psnr_db']:.2f} dB",
+            f"{r['image_ssim']:.4f}",
+            f"{r['latent_psnr_db']:.2f} dB",
+            f"{r['latent_ssim']:.4f}",
+            f"{r['load_s']:.2f} s",
+        )
     Console(width=160).print(table)
 
 

@@ -37,11 +37,11 @@ def jobs_caller(url: str):
             return str(httpx.get(answer.json()["result"]["url"], timeout=CALL_TIMEOUT_S).status_code)
         except httpx.TransportError as error:
             return type(error).__name__
+
     return call
 
 
-def jobs_vs_sync(url: str, size: int, steps: int, requests: int, concurrency: int,
-                 gpu_usd_per_hour: float) -> dict:
+def jobs_vs_sync(url: str, size: int, steps: int, requests: int, concurrency: int, gpu_usd_per_hour: float) -> dict:
     shape = {"width": size, "height": size, "steps": steps}
     run_level(jobs_caller(url), request_stream([shape], concurrency * 2, seed0=5_000), concurrency)  # warm-up
     levels = {}
@@ -57,7 +57,11 @@ def jobs_vs_sync(url: str, size: int, steps: int, requests: int, concurrency: in
 def print_jobs(report: dict) -> None:
     for path in ("sync", "jobs"):
         level = report[path]
-        print(f"{path:>4}: {level['ok']} ok {level['errors_by_status'] or ''} {level['images_per_s']:.2f} img/s, "
-              f"p50 {level['p50_s']:.3f} s, p95 {level['p95_s']:.3f} s, batches {level['batches']}")
-    print(f"jobs/sync at {report['width']}x{report['height']}, {report['steps']} steps, concurrency "
-          f"{report['concurrency']}: p50 {report['p50_s_ratio']:.3f}x, p95 {report['p95_s_ratio']:.3f}x")
+        print(
+            f"{path:>4}: {level['ok']} ok {level['errors_by_status'] or ''} {level['images_per_s']:.2f} img/s, "
+            f"p50 {level['p50_s']:.3f} s, p95 {level['p95_s']:.3f} s, batches {level['batches']}"
+        )
+    print(
+        f"jobs/sync at {report['width']}x{report['height']}, {report['steps']} steps, concurrency "
+        f"{report['concurrency']}: p50 {report['p50_s_ratio']:.3f}x, p95 {report['p95_s_ratio']:.3f}x"
+    )

@@ -27,6 +27,7 @@ def http_caller(url: str):
             return str(client.post("/txt2img", json=request.model_dump(mode="json")).status_code)
         except httpx.TransportError as error:
             return type(error).__name__
+
     return call
 
 
@@ -39,11 +40,13 @@ def grpc_caller(target: str):
             return "OK"
         except grpc.RpcError as error:
             return error.code().name
+
     return call
 
 
-def run_level(call, requests: list[GenerationRequest], concurrency: int,
-              on_done=lambda: None) -> tuple[float, list[float], dict[str, int]]:
+def run_level(
+    call, requests: list[GenerationRequest], concurrency: int, on_done=lambda: None
+) -> tuple[float, list[float], dict[str, int]]:
     """Send every request once; returns wall seconds, latencies of the successful calls, counts per status."""
     pending, lock = iter(requests), threading.Lock()
     latencies, statuses = [], Counter()

@@ -54,20 +54,27 @@ def step_inputs(size: int, text_tokens: int = 512) -> dict:
     generator, tokens = torch.Generator().manual_seed(0), (size // 16) ** 2
     ids = torch.zeros(tokens, 3)
     ids[:, 1], ids[:, 2] = torch.arange(tokens) // (size // 16), torch.arange(tokens) % (size // 16)
-    return dict(hidden_states=torch.randn(BATCH, tokens, 64, generator=generator).bfloat16(),
-                encoder_hidden_states=torch.randn(BATCH, text_tokens, 4096, generator=generator).bfloat16(),
-                pooled_projections=torch.randn(BATCH, 768, generator=generator).bfloat16(),
-                timestep=torch.full((BATCH,), 0.7).bfloat16(), img_ids=ids, txt_ids=torch.zeros(text_tokens, 3),
-                guidance=torch.full((BATCH,), 3.5))
+    return dict(
+        hidden_states=torch.randn(BATCH, tokens, 64, generator=generator).bfloat16(),
+        encoder_hidden_states=torch.randn(BATCH, text_tokens, 4096, generator=generator).bfloat16(),
+        pooled_projections=torch.randn(BATCH, 768, generator=generator).bfloat16(),
+        timestep=torch.full((BATCH,), 0.7).bfloat16(),
+        img_ids=ids,
+        txt_ids=torch.zeros(text_tokens, 3),
+        guidance=torch.full((BATCH,), 3.5),
+    )
 
 
 @torch.no_grad()
-def step_seconds(transformer: torch.nn.Module, inputs: dict, adapters: dict[int, dict[str, Path]], repeats: int
-                 ) -> dict[str, float]:
+def step_seconds(
+    transformer: torch.nn.Module, inputs: dict, adapters: dict[int, dict[str, Path]], repeats: int
+) -> dict[str, float]:
     """Median forward seconds without LoRA and with BATCH different adapters per rank, runs interleaved."""
     runs: dict[str, list[float]] = {"none": []} | {f"rank {rank}": [] for rank in adapters}
-    stacks = {rank: cache_for(found).stacks([WorkItem(prompt="x", loras=[LoraWeight(name=name)]) for name in sorted(found)])
-              for rank, found in adapters.items()}
+    stacks = {
+        rank: cache_for(found).stacks([WorkItem(prompt="x", loras=[LoraWeight(name=name)]) for name in sorted(found)])
+        for rank, found in adapters.items()
+    }
     transformer(**inputs)  # warm-up
     for _ in range(repeats):
         for label in runs:
@@ -93,8 +100,12 @@ def first_use_ms(adapters: dict[str, Path]) -> dict[str, float]:
 
 
 def requests(size: int, steps: int, names: list[str]) -> list[WorkItem]:
-    return [WorkItem(prompt=f"a product photo {i}", seed=i, width=size, height=size, steps=steps,
-                     loras=[LoraWeight(name=name)]) for i, name in enumerate(names)]
+    return [
+        WorkItem(
+            prompt=f"a product photo {i}", seed=i, width=size, height=size, steps=steps, loras=[LoraWeight(name=name)]
+        )
+        for i, name in enumerate(names)
+    ]
 
 
 def ours_images_per_s(pipe: FluxPipeline, adapters: dict[str, Path], size: int, steps: int) -> float:
@@ -119,7 +130,7 @@ def peft_images_per_s(pipe: FluxPipeline, files: dict[str, Path], size: int, ste
     pipe.set_adapters(sorted(files)[0])
     renderer.render(items[:1])  # warm-up
     started = time.perf_counter()
-    for name, item in zip(sorted(files), items):
+    for name, item in zip(sorted(files), items, strict=True):
         pipe.set_adapters(name)
         assert renderer.render([item])[0].ok
     return BATCH / (time.perf_counter() - started), load_s
@@ -142,19 +153,26 @@ def run(size: int, steps: int, repeats: int) -> dict:
     console.log("anchor: ours batched against diffusers + PEFT switching per request")
     result["ours_images_per_s"] = ours_images_per_s(bf16, adapters[16], size, steps)
     files = {name: folder / f"{name}.safetensors" for name in adapters[16]}
-    result["peft_images_per_s"], result["peft_load_s"] = peft_images_per_s(build_pipeline("medium"), files, size,
-                                                                          steps)
+    result["peft_images_per_s"], result["peft_load_s"] = peft_images_per_s(build_pipeline("medium"), files, size, steps)
     return result
 
 
 def report(result: dict) -> Table:
-    table = Table(title=f"LoRA on {result['preset']} ({result['device']}), batch of {result['batch']} with "
-                        f"{result['batch']} different adapters, {result['size']}²")
+    table = Table(
+        title=f"LoRA on {result['preset']} ({result['device']}), batch of {result['batch']} with "
+        f"{result['batch']} different adapters, {result['size']}²"
+    )
     for column in ("base", "no LoRA s/step", "rank 16 s/step", "ratio", "rank 64 s/step", "ratio"):
         table.add_column(column, justify="right")
     for base, times in result["step_s"].items():
-        table.add_row(base, f"{times['none']:.3f}", f"{times['rank 16']:.3f}", f"{times['rank 16'] / times['none']:.3f}×",
-                      f"{times['rank 64']:.3f}", f"{times['rank 64'] / times['none']:.3f}×")
+        table.add_row(
+            base,
+            f"{times['none']:.3f}",
+            f"{times['rank 16']:.3f}",
+            f"{times['rank 16'] / times['none']:.3f}×",
+            f"{times['rank 64']:.3f}",
+            f"{times['rank 64'] / times['none']:.3f}×",
+        )
     return table
 
 
@@ -170,11 +188,16 @@ def main(argv: list[str] | None = None) -> None:
     args.out.write_text(json.dumps(result, indent=2))
     Console(width=140).print(report(result))
     for rank, first in result["first_use"].items():
-        print(f"first use, {rank} ({first['mb']:.1f} MB): {first['miss_ms']:.0f} ms (cache hit {first['hit_ms']:.2f} ms)")
-    print(f"4 requests, 4 different LoRAs, {args.size}², {args.steps} steps, bf16: ours {result['ours_images_per_s']:.3f} "
-          f"img/s, diffusers + PEFT switching {result['peft_images_per_s']:.3f} img/s "
-          f"({result['ours_images_per_s'] / result['peft_images_per_s']:.2f}×); PEFT load_lora_weights "
-          f"{result['peft_load_s']:.2f} s per adapter")
+        print(
+            f"first use, {rank} ({first['mb']:.1f} MB): {first['miss_ms']:.0f} ms (cache hit {first['hit_ms']:.2f} ms)"
+        )
+    print(
+        f"4 requests, 4 different LoRAs, {args.size}², {args.steps} steps, bf16: "
+        f"ours {result['ours_images_per_s']:.3f} "
+        f"img/s, diffusers + PEFT switching {result['peft_images_per_s']:.3f} img/s "
+        f"({result['ours_images_per_s'] / result['peft_images_per_s']:.2f}×); PEFT load_lora_weights "
+        f"{result['peft_load_s']:.2f} s per adapter"
+    )
 
 
 if __name__ == "__main__":

@@ -27,10 +27,20 @@ class Card:
     capability: tuple[int, int]
 
 
-CARDS = (Card("12 GB, sm80+ (RTX 3060/4070)", 12, (8, 6)), Card("16 GB, sm80+ (RTX 4060 Ti/4080, A4000)", 16, (8, 9)),
-         Card("T4 16 GB (sm75)", 15, (7, 5)), Card("V100 16 GB (sm70)", 16, (7, 0)),
-         Card("24 GB, sm80+ (L4, RTX 4090)", 24, (8, 9)))  # a T4 shows 15 GiB to CUDA
-COLUMNS = (RECIPES["int8"], RECIPES["int8-bnb"], RECIPES["int4"], RECIPES["nf4"], replace(RECIPES["gguf"], weights="Q4_0"))
+CARDS = (
+    Card("12 GB, sm80+ (RTX 3060/4070)", 12, (8, 6)),
+    Card("16 GB, sm80+ (RTX 4060 Ti/4080, A4000)", 16, (8, 9)),
+    Card("T4 16 GB (sm75)", 15, (7, 5)),
+    Card("V100 16 GB (sm70)", 16, (7, 0)),
+    Card("24 GB, sm80+ (L4, RTX 4090)", 24, (8, 9)),
+)  # a T4 shows 15 GiB to CUDA
+COLUMNS = (
+    RECIPES["int8"],
+    RECIPES["int8-bnb"],
+    RECIPES["int4"],
+    RECIPES["nf4"],
+    replace(RECIPES["gguf"], weights="Q4_0"),
+)
 FUSED = {name: kernel_note(name, (9, 0), torch.bfloat16) for name in RECIPES}  # what an sm90 card runs
 
 
@@ -53,7 +63,7 @@ def main() -> None:
     table.add_column("card (compute dtype)")
     for recipe in COLUMNS:
         transformer, t5 = (recipe.memory_bytes("full", c) / 1e9 for c in ("transformer", "text_encoder_2"))
-        label = "gguf Q4_0" if recipe.backend == "gguf" else recipe.name
+        label = f"{recipe.name} {recipe.weights}" if recipe.quantizer.keeps_source_blocks else recipe.name
         table.add_column(f"{label} ({transformer:.1f} + {t5:.1f} GB)")
     for card in CARDS:
         dtype = str(choose_dtype("auto", card.capability)).removeprefix("torch.")

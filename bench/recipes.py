@@ -32,7 +32,9 @@ def placement(pipe, device: torch.device, budget_gib: float | None, size: int, b
     """All resident, or what the serving planner chooses for this budget (enforced on a bigger GPU)."""
     if budget_gib is None:
         return Placement.resident(device)
-    weights = {name: module_bytes(getattr(pipe, name)) for name in ("transformer", "text_encoder_2", "text_encoder", "vae")}
+    weights = {
+        name: module_bytes(getattr(pipe, name)) for name in ("transformer", "text_encoder_2", "text_encoder", "vae")
+    }
     plan = plan_placement(weights, int(budget_gib * GIB), size, max(batches))
     if device.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(budget_gib * GIB / torch.cuda.get_device_properties(0).total_memory)
@@ -49,8 +51,10 @@ def measure(recipe: str, preset: str, size: int, steps: int, batches: list[int],
     where = placement(pipe, device, budget_gib, size, batches)
     renderer = Renderer(pipe, where)
     batches = [b for b in batches if b <= where.max_batch(size)]
-    requests = [WorkItem(prompt=f"bench {i}", width=size, height=size, steps=steps, guidance=3.5, seed=i)
-                for i in range(max(batches))]
+    requests = [
+        WorkItem(prompt=f"bench {i}", width=size, height=size, steps=steps, guidance=3.5, seed=i)
+        for i in range(max(batches))
+    ]
     renderer.render(requests[:1])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -61,12 +65,22 @@ def measure(recipe: str, preset: str, size: int, steps: int, batches: list[int],
         if device.type == "cuda":
             torch.cuda.synchronize()
         per_image[batch] = (time.perf_counter() - started) / batch
-    result = {"recipe": recipe, "device": str(device), "preset": preset, "size": size, "steps": steps,
-              "budget_gib": budget_gib, "strategy": where.plan.strategy, "s_per_image": per_image,
-              "best_batch": min(per_image, key=per_image.get)}
+    result = {
+        "recipe": recipe,
+        "device": str(device),
+        "preset": preset,
+        "size": size,
+        "steps": steps,
+        "budget_gib": budget_gib,
+        "strategy": where.plan.strategy,
+        "s_per_image": per_image,
+        "best_batch": min(per_image, key=per_image.get),
+    }
     if device.type == "cuda":
-        result |= {"peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
-                   "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
+        result |= {
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+        }
         result["fits_16gb"] = result["peak_reserved_gib"] <= CARD_GIB
     else:
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
@@ -74,16 +88,34 @@ def measure(recipe: str, preset: str, size: int, steps: int, batches: list[int],
 
 
 def table(results: list[dict]) -> Table:
-    table = Table(title=f"recipes on {results[0]['device']}: {results[0]['preset']}, "
-                        f"{results[0]['size']}², {results[0]['steps']} steps")
-    for column in ("recipe", "budget GiB", "placement", "s/image, batch 1", "best batch", "s/image there",
-                   "peak memory GiB", "fits 16 GB"):
+    table = Table(
+        title=f"recipes on {results[0]['device']}: {results[0]['preset']}, "
+        f"{results[0]['size']}², {results[0]['steps']} steps"
+    )
+    for column in (
+        "recipe",
+        "budget GiB",
+        "placement",
+        "s/image, batch 1",
+        "best batch",
+        "s/image there",
+        "peak memory GiB",
+        "fits 16 GB",
+    ):
         table.add_column(column, justify="right")
     for r in results:
         memory = r.get("peak_reserved_gib", r.get("peak_rss_gib"))
         best = r["best_batch"]
-        table.add_row(r["recipe"], str(r["budget_gib"] or "-"), r["strategy"], f"{r['s_per_image'][1]:.2f}", str(best), f"{r['s_per_image'][best]:.2f}",
-                      f"{memory:.2f}" + ("" if "peak_reserved_gib" in r else " (RSS)"), str(r.get("fits_16gb", "-")))
+        table.add_row(
+            r["recipe"],
+            str(r["budget_gib"] or "-"),
+            r["strategy"],
+            f"{r['s_per_image'][1]:.2f}",
+            str(best),
+            f"{r['s_per_image'][best]:.2f}",
+            f"{memory:.2f}" + ("" if "peak_reserved_gib" in r else " (RSS)"),
+            str(r.get("fits_16gb", "-")),
+        )
     return table
 
 
@@ -95,8 +127,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024 if cuda else 256)
     parser.add_argument("--steps", type=int, default=28 if cuda else 4)
     parser.add_argument("--batches", default="1,2,4" if cuda else "1,2")
-    parser.add_argument("--budget-gb", type=float, help="also run each recipe as the planner places it on this "
-                        "budget (e.g. 16), enforced with set_per_process_memory_fraction on a bigger GPU")
+    parser.add_argument(
+        "--budget-gb",
+        type=float,
+        help="also run each recipe as the planner places it on this "
+        "budget (e.g. 16), enforced with set_per_process_memory_fraction on a bigger GPU",
+    )
     parser.add_argument("--out", default="build/bench/recipes.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run a single recipe in this process
     args = parser.parse_args()
@@ -107,10 +143,24 @@ def main() -> None:
     results = []
     for recipe in args.recipes.split(","):
         for budget in (None, args.budget_gb) if args.budget_gb else (None,):
-            command = [sys.executable, "-m", "bench.recipes", "--one", recipe, "--preset", args.preset, "--size",
-                       str(args.size), "--steps", str(args.steps), "--batches", args.batches]
-            child = subprocess.run(command + (["--budget-gb", str(budget)] if budget else []),
-                                   capture_output=True, text=True, check=True)
+            command = [
+                sys.executable,
+                "-m",
+                "bench.recipes",
+                "--one",
+                recipe,
+                "--preset",
+                args.preset,
+                "--size",
+                str(args.size),
+                "--steps",
+                str(args.steps),
+                "--batches",
+                args.batches,
+            ]
+            child = subprocess.run(
+                command + (["--budget-gb", str(budget)] if budget else []), capture_output=True, text=True, check=True
+            )
             results.append(json.loads(child.stdout.strip().splitlines()[-1]))
             results[-1]["s_per_image"] = {int(k): v for k, v in results[-1]["s_per_image"].items()}
     Console(width=140).print(table(results))

@@ -5,7 +5,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-BATCH_BUCKET = re.compile(r'bentoml_service_adaptive_batch_size_bucket\{le="([^"]+)"[^}]*method_name="generate_[0-9]+"[^}]*\} (\S+)')
+BATCH_BUCKET = re.compile(
+    r'bentoml_service_adaptive_batch_size_bucket\{le="([^"]+)"[^}]*method_name="generate_[0-9]+"[^}]*\} (\S+)'
+)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -60,9 +62,15 @@ class LevelResult:
     def summary(self, gpu_usd_per_hour: float) -> dict:
         latencies = self.latencies_s or [float("nan")]
         return {
-            "protocol": self.protocol, "concurrency": self.concurrency, "requests": sum(self.statuses.values()),
-            "ok": self.ok, "errors_by_status": {k: v for k, v in self.statuses.items() if k not in ("200", "OK")},
-            "images_per_s": self.images_per_s, "p50_s": percentile(latencies, 50), "p95_s": percentile(latencies, 95),
-            "p99_s": percentile(latencies, 99), "usd_per_image": usd_per_image(gpu_usd_per_hour, self.images_per_s),
+            "protocol": self.protocol,
+            "concurrency": self.concurrency,
+            "requests": sum(self.statuses.values()),
+            "ok": self.ok,
+            "errors_by_status": {k: v for k, v in self.statuses.items() if k not in ("200", "OK")},
+            "images_per_s": self.images_per_s,
+            "p50_s": percentile(latencies, 50),
+            "p95_s": percentile(latencies, 95),
+            "p99_s": percentile(latencies, 99),
+            "usd_per_image": usd_per_image(gpu_usd_per_hour, self.images_per_s),
             "batches": self.batches,
         }

@@ -85,8 +85,12 @@ def write_synthetic_gguf(path: Path, ggml_type: str) -> int:
 
 def quantize_in_fresh_process(source: Path, out: Path, recipe: str, gguf: Path | None = None) -> dict:
     started = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", QUANTIZE, str(source), str(out), recipe, *([str(gguf)] if gguf else [])],
-                         check=True, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-c", QUANTIZE, str(source), str(out), recipe, *([str(gguf)] if gguf else [])],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - started
     peaks = json.loads(run.stdout.splitlines()[-1])
     artifact = sum(path.stat().st_size for path in out.iterdir() if path.suffix == ".safetensors")
@@ -99,8 +103,12 @@ def main() -> None:
     parser.add_argument("--recipes", default="int8,int4", help="comma-separated recipe names")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the artifacts (bench.cold_start reads them)")
-    parser.add_argument("--gguf", metavar="TYPE", help="stream a synthetic GGUF file of this GGML type (Q8_0, Q4_0, "
-                        "...) instead of the diffusers shards (the transformer config still comes from them)")
+    parser.add_argument(
+        "--gguf",
+        metavar="TYPE",
+        help="stream a synthetic GGUF file of this GGML type (Q8_0, Q4_0, "
+        "...) instead of the diffusers shards (the transformer config still comes from them)",
+    )
     args = parser.parse_args()
     source = args.work / "source" / "transformer"
     started = time.perf_counter()
@@ -122,9 +130,13 @@ def main() -> None:
     for column in ("recipe", "wall", "peak RSS", "peak anon", "peak file-backed", "artifact bytes", "× bf16"):
         table.add_column(column, justify="right")
     for r in results:
-        table.add_row(r["recipe"], f"{r['wall_s']:.0f} s",
-                      *(f"{r[key] / 1024**3:.2f} GiB" for key in ("peak_rss_bytes", "peak_anon_bytes", "peak_file_bytes")),
-                      f"{r['artifact_bytes']:,}", f"{r['artifact_bytes'] / bf16_bytes:.3f}")
+        table.add_row(
+            r["recipe"],
+            f"{r['wall_s']:.0f} s",
+            *(f"{r[key] / 1024**3:.2f} GiB" for key in ("peak_rss_bytes", "peak_anon_bytes", "peak_file_bytes")),
+            f"{r['artifact_bytes']:,}",
+            f"{r['artifact_bytes'] / bf16_bytes:.3f}",
+        )
     Console().print(table)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

@@ -22,8 +22,13 @@ def git_revision() -> str:
 
 
 def bentoml(*args: str, artifact: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "bentoml", *args], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "FLUX_ARTIFACT": artifact})
+    result = subprocess.run(
+        [sys.executable, "-m", "bentoml", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FLUX_ARTIFACT": artifact},
+    )
     if result.returncode:
         raise SystemExit(f"bentoml {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     return result.stdout
@@ -35,8 +40,11 @@ def build(artifact: str) -> str:
     model = bentoml_sdk.models.get(artifact)
     revision = git_revision()
     version = f"{revision}-{model.tag.version}"
-    labels = {"artifact": str(model.tag), **model.info.labels,
-              "source_revision": str(model.info.metadata.get("source_revision", "unknown")).removeprefix("sha256:")[:63]}
+    labels = {
+        "artifact": str(model.tag),
+        **model.info.labels,
+        "source_revision": str(model.info.metadata.get("source_revision", "unknown")).removeprefix("sha256:")[:63],
+    }
     tag = f"flux-serve:{version}"
     try:
         existing = bentoml_sdk.get(tag)

@@ -48,8 +48,11 @@ def ensure_base() -> float:
         return 0.0
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="flux-rootfs-") as rootfs:
-        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", rootfs, DEBIAN_MIRROR], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["debootstrap", "--variant=minbase", "bookworm", rootfs, DEBIAN_MIRROR],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
         subprocess.run([*PODMAN, "import", "-", BASE_IMAGE], stdin=tar.stdout, check=True, stdout=subprocess.DEVNULL)
         tar.wait()
@@ -73,9 +76,16 @@ def for_this_machine(dockerfile: str, wheel_name: str) -> str:
         "RUN apt-get install -y --no-install-recommends python3.11 python3.11-dev python3.11-venv python3-pip\n"
         "ENV PIP_BREAK_SYSTEM_PACKAGES=1\n"
         f"COPY {BUILD_CA} /tmp/{BUILD_CA}\nARG SSL_CERT_FILE=/tmp/{BUILD_CA}\nARG PIP_CERT=/tmp/{BUILD_CA}\n",
-        dockerfile, count=1)
-    dockerfile, wheel = re.subn(r"^(COPY [^\n]* \./env/python \./env/python/\n)",
-                                rf"\1COPY {wheel_name} /tmp/wheels/{wheel_name}\n", dockerfile, count=1, flags=re.M)
+        dockerfile,
+        count=1,
+    )
+    dockerfile, wheel = re.subn(
+        r"^(COPY [^\n]* \./env/python \./env/python/\n)",
+        rf"\1COPY {wheel_name} /tmp/wheels/{wheel_name}\n",
+        dockerfile,
+        count=1,
+        flags=re.M,
+    )
     if (based, python, wheel) != (1, 1, 1):
         raise SystemExit(f"the Bento's Dockerfile changed: base {based}, python {python}, wheel {wheel} replaced")
     return dockerfile
@@ -84,8 +94,10 @@ def for_this_machine(dockerfile: str, wheel_name: str) -> str:
 def cpu_requirements(lock: str, wheel_name: str) -> str:
     """The locked requirements without CUDA libraries, torch from the CPU wheel."""
     lines = [line for line in lock.splitlines() if not CUDA_PACKAGES.match(line)]
-    return "\n".join(f"torch @ file:///tmp/wheels/{wheel_name}" if line.startswith("torch==") else line
-                     for line in lines) + "\n"
+    return (
+        "\n".join(f"torch @ file:///tmp/wheels/{wheel_name}" if line.startswith("torch==") else line for line in lines)
+        + "\n"
+    )
 
 
 def prepare_context(artifact: str, mode: str, folder: Path, cuda: bool) -> str:
@@ -119,8 +131,9 @@ def build_image(artifact: str, mode: str, out: Path, cuda: bool) -> tuple[str, f
     folder = out / f"context-{mode}"
     image = image_name(prepare_context(artifact, mode, folder, cuda), mode)
     started = time.monotonic()
-    podman("build", "--network", "host", "--layers", "-f", str(folder / "env/docker/Dockerfile"), "-t", image,
-           str(folder))
+    podman(
+        "build", "--network", "host", "--layers", "-f", str(folder / "env/docker/Dockerfile"), "-t", image, str(folder)
+    )
     return image, time.monotonic() - started
 
 
@@ -142,8 +155,10 @@ def main() -> None:
         print(f"base image {BASE_IMAGE}: {'cached' if not base_s else f'built in {base_s:.0f} s'}", file=sys.stderr)
     import bentoml
 
-    built = {"artifact": str(bentoml.models.get(args.artifact).tag),
-             "bentoml_home": os.environ.get("BENTOML_HOME", str(Path.home() / "bentoml"))}
+    built = {
+        "artifact": str(bentoml.models.get(args.artifact).tag),
+        "bentoml_home": os.environ.get("BENTOML_HOME", str(Path.home() / "bentoml")),
+    }
     for mode in args.modes.split(","):
         built[mode], seconds = build_image(args.artifact, mode, args.out, args.cuda)
         size = podman("image", "inspect", "-f", "{{.Size}}", built[mode], capture=True).stdout.strip()

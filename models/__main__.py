@@ -7,7 +7,9 @@ from models.architecture import PRESETS, build_pipeline
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
-    parser.add_argument("preset", choices=sorted(PRESETS), help="; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()))
+    parser.add_argument(
+        "preset", choices=sorted(PRESETS), help="; ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
+    )
     parser.add_argument("--out", required=True, help="folder to write (diffusers layout)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -11,28 +11,62 @@ from models.tokenizers import CLIP_MAX_LENGTH, build_clip_tokenizer, build_t5_to
 
 # black-forest-labs/FLUX.1-dev, component by component.
 FLUX_DEV_TRANSFORMER = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-    guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
 )
 FLUX_DEV_T5 = dict(  # google/t5-v1_1-xxl encoder
-    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-    relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6,
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    feed_forward_proj="gated-gelu",
+    layer_norm_epsilon=1e-6,
     tie_word_embeddings=False,
 )
 FLUX_DEV_CLIP = dict(  # openai/clip-vit-large-patch14 text tower
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
-    num_attention_heads=12, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu",
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    projection_dim=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=CLIP_MAX_LENGTH,
+    hidden_act="quick_gelu",
 )
 FLUX_DEV_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611,
-    shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
 )
 FLUX_DEV_SCHEDULER = dict(
-    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-    base_image_seq_len=256, max_image_seq_len=4096,
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
 )
 # black-forest-labs/FLUX.1-schnell differs only here: no guidance embedding, and a fixed timestep shift.
 SCHNELL_TRANSFORMER = dict(guidance_embeds=False)
@@ -79,9 +113,13 @@ class FluxPreset:
 
     def schnell(self) -> "FluxPreset":
         """The same scale as FLUX.1-schnell."""
-        return replace(self, name=f"{self.name}-schnell", description=f"{self.description}; FLUX.1-schnell",
-                       transformer={**self.transformer, **SCHNELL_TRANSFORMER},
-                       scheduler={**self.scheduler, **SCHNELL_SCHEDULER})
+        return replace(
+            self,
+            name=f"{self.name}-schnell",
+            description=f"{self.description}; FLUX.1-schnell",
+            transformer={**self.transformer, **SCHNELL_TRANSFORMER},
+            scheduler={**self.scheduler, **SCHNELL_SCHEDULER},
+        )
 
     def transformer_config(self) -> dict:
         return {**FLUX_DEV_TRANSFORMER, **self.transformer}
@@ -91,8 +129,11 @@ class FluxPreset:
 
     def clip_config(self, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
         """CLIP pools at the eos token, so its special ids follow the tokenizer's."""
-        special_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id)
+        special_ids = dict(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         return CLIPTextConfig(**{**FLUX_DEV_CLIP, **self.clip, **special_ids})
 
     def vae_config(self) -> dict:
@@ -105,16 +146,31 @@ class FluxPreset:
 _TINY_VOCAB = dict(vocab_size=600)
 DEV_PRESETS = (
     FluxPreset(
-        "tiny", "64-wide, 1 double + 1 single block: seconds on a CPU, for tests and the demo",
-        transformer=dict(num_layers=1, num_single_layers=1, attention_head_dim=64, num_attention_heads=1,
-                         joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(8, 28, 28)),
+        "tiny",
+        "64-wide, 1 double + 1 single block: seconds on a CPU, for tests and the demo",
+        transformer=dict(
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=64,
+            num_attention_heads=1,
+            joint_attention_dim=64,
+            pooled_projection_dim=64,
+            axes_dims_rope=(8, 28, 28),
+        ),
         t5=dict(_TINY_VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4),
-        clip=dict(_TINY_VOCAB, hidden_size=64, intermediate_size=128, projection_dim=64,
-                  num_hidden_layers=1, num_attention_heads=2),
+        clip=dict(
+            _TINY_VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            projection_dim=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
         vae=dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
     ),
     FluxPreset(
-        "medium", "real FLUX.1-dev layer shapes, 1 double + 1 single block, 1 T5 and 1 CLIP layer",
+        "medium",
+        "real FLUX.1-dev layer shapes, 1 double + 1 single block, 1 T5 and 1 CLIP layer",
         transformer=dict(num_layers=1, num_single_layers=1),
         t5=dict(num_layers=1),
         clip=dict(num_hidden_layers=1),
@@ -143,8 +199,9 @@ def build_pipeline(preset_name: str, seed: int = 0, dtype: torch.dtype = torch.b
     torch.manual_seed(seed)
     modules = {name: build_module(preset_name, name).to(dtype).eval() for name in MODULES}
     scheduler = FlowMatchEulerDiscreteScheduler(**PRESETS[preset_name].scheduler_config())
-    return FluxPipeline(scheduler=scheduler, tokenizer=build_clip_tokenizer(),
-                        tokenizer_2=build_t5_tokenizer(), **modules)
+    return FluxPipeline(
+        scheduler=scheduler, tokenizer=build_clip_tokenizer(), tokenizer_2=build_t5_tokenizer(), **modules
+    )
 
 
 def decode_in_float32(vae: AutoencoderKL) -> None:

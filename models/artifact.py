@@ -1,11 +1,11 @@
 """The artifact format: a folder of components plus `manifest.json`, and its one reader.
 
-    manifest.json                  schema version, source, recipe, variant, per-component dtype/bytes, sha256 per file
-    transformer/, text_encoder_2/, text_encoder/, vae/
-                                   config.json + model-0000N.safetensors shards + model.safetensors.index.json,
-                                   and quantization_map.json when quantized (see models/quantized.py)
-    tokenizer/, tokenizer_2/, scheduler/   as `save_pretrained` writes them
-    validation/contact_sheet.png   reference row above quantized row, when the quality gate ran
+manifest.json                  schema version, source, recipe, variant, per-component dtype/bytes, sha256 per file
+transformer/, text_encoder_2/, text_encoder/, vae/
+                               config.json + model-0000N.safetensors shards + model.safetensors.index.json,
+                               and quantization_map.json when quantized (see models/backends/)
+tokenizer/, tokenizer_2/, scheduler/   as `save_pretrained` writes them
+validation/contact_sheet.png   reference row above quantized row, when the quality gate ran
 """
 
 import hashlib
@@ -19,7 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from pydantic import BaseModel
 from transformers import AutoConfig, CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from models.quantized import BACKENDS, rebuild
+from models.backends import BACKENDS, rebuild
 from models.tensors import INDEX, read_shards
 
 SCHEMA_VERSION = 2  # 2: every module component in shards; bitsandbytes backend
@@ -97,16 +97,22 @@ def write_config(module: torch.nn.Module, folder: Path) -> None:
 def empty_model(cls: type, folder: Path) -> torch.nn.Module:
     """A component built from its config with parameters on the meta device (buffers are real)."""
     with init_empty_weights():
-        model = cls.from_config(cls.load_config(folder)) if issubclass(cls, ModelMixin) else cls(
-            AutoConfig.from_pretrained(folder))
+        model = (
+            cls.from_config(cls.load_config(folder))
+            if issubclass(cls, ModelMixin)
+            else cls(AutoConfig.from_pretrained(folder))
+        )
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # T5's embedding is one tensor under two names, stored once
     return model
 
 
 def hash_files(folder: Path) -> dict[str, str]:
-    return {path.relative_to(folder).as_posix(): sha256_file(path)
-            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
+    return {
+        path.relative_to(folder).as_posix(): sha256_file(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
 
 
 def read_manifest(folder: Path) -> Manifest:
@@ -116,11 +122,14 @@ def read_manifest(folder: Path) -> Manifest:
     raw = json.loads(path.read_text())
     version = raw.get("schema_version", 0)
     if version > SCHEMA_VERSION:
-        raise ArtifactError(f"{path}: schema version {version} is newer than this reader "
-                            f"({SCHEMA_VERSION}); upgrade flux-serve")
+        raise ArtifactError(
+            f"{path}: schema version {version} is newer than this reader ({SCHEMA_VERSION}); upgrade flux-serve"
+        )
     if version < SCHEMA_VERSION:
-        raise ArtifactError(f"{path}: schema version {version} is older than this reader ({SCHEMA_VERSION}) "
-                            f"and is not loaded; quantize the checkpoint again with `python -m quantize`")
+        raise ArtifactError(
+            f"{path}: schema version {version} is older than this reader ({SCHEMA_VERSION}) "
+            f"and is not loaded; quantize the checkpoint again with `python -m quantize`"
+        )
     return Manifest.model_validate(raw)
 
 
@@ -141,8 +150,11 @@ def verify_small_files(folder: Path, manifest: Manifest) -> None:
 
 
 def shard_sha256s(manifest: Manifest, component: str) -> dict[str, str]:
-    return {relative.split("/", 1)[1]: digest for relative, digest in manifest.files.items()
-            if relative.startswith(f"{component}/") and relative.endswith(".safetensors")}
+    return {
+        relative.split("/", 1)[1]: digest
+        for relative, digest in manifest.files.items()
+        if relative.startswith(f"{component}/") and relative.endswith(".safetensors")
+    }
 
 
 def check_quantization_map(path: Path, expected_weights: str) -> dict:
@@ -154,8 +166,13 @@ def check_quantization_map(path: Path, expected_weights: str) -> dict:
     return quantization
 
 
-def load_module(cls: type, folder: Path, component: Component, sha256s: dict[str, str] | None = None,
-                dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+def load_module(
+    cls: type,
+    folder: Path,
+    component: Component,
+    sha256s: dict[str, str] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.nn.Module:
     """A component from its config, shards (checked against `sha256s` as read) and quantization map, computing
     in `dtype`: its bf16 tensors (quantized layers' scales too) are cast, except that under float16 the modules
     transformers keeps in float32 (`_keep_in_fp32_modules`: T5's `wo`, whose outputs overflow float16) get float32."""
@@ -183,13 +200,14 @@ def check_kept_layers(folder: Path, quantization: dict, keep_in_fp32: list[str])
     artifacts written before the 4-bit recipes kept them are refused, not served."""
     for name, entry in quantization.items():
         if entry["weights"] in ("nf4", "fp4") and name.split(".")[-1] in keep_in_fp32:
-            raise ArtifactError(f"{folder / QUANTIZATION_MAP}: {name} is {entry['weights']}, and transformers casts "
-                                f"its input to the 4-bit weight's uint8; quantize the checkpoint again (the 4-bit "
-                                f"recipes now keep it in bf16)")
+            raise ArtifactError(
+                f"{folder / QUANTIZATION_MAP}: {name} is {entry['weights']}, and transformers casts "
+                f"its input to the 4-bit weight's uint8; quantize the checkpoint again (the 4-bit "
+                f"recipes now keep it in bf16)"
+            )
 
 
-def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype,
-               keep_in_fp32: list[str]) -> dict[str, torch.Tensor]:
+def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype, keep_in_fp32: list[str]) -> dict[str, torch.Tensor]:
     """bf16 tensors in `dtype` (float32 for `keep_in_fp32` modules under float16); other dtypes as stored."""
     if dtype == torch.bfloat16:
         return state
@@ -197,8 +215,10 @@ def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype,
     def target(name: str) -> torch.dtype:
         kept = dtype == torch.float16 and any(part in keep_in_fp32 for part in name.split("."))
         return torch.float32 if kept else dtype
-    return {name: tensor.to(target(name)) if tensor.dtype == torch.bfloat16 else tensor
-            for name, tensor in state.items()}
+
+    return {
+        name: tensor.to(target(name)) if tensor.dtype == torch.bfloat16 else tensor for name, tensor in state.items()
+    }
 
 
 def _tied_aliases(model: torch.nn.Module) -> set[str]:
@@ -207,8 +227,9 @@ def _tied_aliases(model: torch.nn.Module) -> set[str]:
     return {name for name, _ in named if name not in unique}
 
 
-def load_component(name: str, folder: Path, manifest: Manifest, verify: bool,
-                   dtype: torch.dtype = torch.bfloat16) -> object:
+def load_component(
+    name: str, folder: Path, manifest: Manifest, verify: bool, dtype: torch.dtype = torch.bfloat16
+) -> object:
     cls = COMPONENT_CLASSES[name]
     if issubclass(cls, torch.nn.Module):
         sha256s = shard_sha256s(manifest, name) if verify else None
@@ -216,19 +237,24 @@ def load_component(name: str, folder: Path, manifest: Manifest, verify: bool,
     return cls.from_pretrained(folder / name)
 
 
-def load_pipeline(folder: Path, verify: bool = True,
-                  dtype: torch.dtype = torch.bfloat16) -> tuple[FluxPipeline, Manifest]:
+def load_pipeline(
+    folder: Path, verify: bool = True, dtype: torch.dtype = torch.bfloat16
+) -> tuple[FluxPipeline, Manifest]:
     """Read an artifact folder into a FluxPipeline on the CPU, computing in `dtype` (bf16, or float16 for
     GPUs without bf16), every byte read once: the listing and the small files are checked first, each
     weight shard's sha256 while it is turned into tensors."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest.backend not in BACKENDS:
-        raise ArtifactError(f"{folder / MANIFEST}: backend {manifest.backend!r} is not one this reader loads {BACKENDS}")
+        raise ArtifactError(
+            f"{folder / MANIFEST}: backend {manifest.backend!r} is not one this reader loads {sorted(BACKENDS)}"
+        )
     for name, component in manifest.components.items():
         if component.quantization and component.quantization["backend"] != manifest.backend:
-            raise ArtifactError(f"{folder / MANIFEST}: {name} was quantized with {component.quantization['backend']}, "
-                                f"the recipe's backend is {manifest.backend}")
+            raise ArtifactError(
+                f"{folder / MANIFEST}: {name} was quantized with {component.quantization['backend']}, "
+                f"the recipe's backend is {manifest.backend}"
+            )
     if verify:
         check_listing(folder, manifest)
         verify_small_files(folder, manifest)

@@ -52,8 +52,12 @@ class GGUFTransformer(SingleFileTransformer):
         would stay resident: the whole file by the end of a run)."""
         tensor = self.by_name[key]
         row_bytes = tensor.n_bytes // tensor.data.shape[0]
-        raw = np.fromfile(self.files[key], dtype=np.uint8, count=(last - first) * row_bytes,
-                          offset=tensor.data_offset + first * row_bytes)
+        raw = np.fromfile(
+            self.files[key],
+            dtype=np.uint8,
+            count=(last - first) * row_bytes,
+            offset=tensor.data_offset + first * row_bytes,
+        )
         return raw.view(tensor.data.dtype).reshape(last - first, *tensor.data.shape[1:])
 
     def source_rows(self, key: str, first: int, last: int) -> torch.Tensor:
@@ -62,8 +66,10 @@ class GGUFTransformer(SingleFileTransformer):
 
     def blocks(self, name: str) -> torch.Tensor:
         """A quantized diffusers tensor as its raw GGML blocks: one row of bytes per output row."""
-        parts = [torch.from_numpy(self.raw_rows(self.source_keys[number], first, last))
-                 for number, first, last in self.pieces[name]]
+        parts = [
+            torch.from_numpy(self.raw_rows(self.source_keys[number], first, last))
+            for number, first, last in self.pieces[name]
+        ]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def bf16_bytes(self) -> int:
@@ -80,13 +86,14 @@ def to_original_layout(state: dict[str, torch.Tensor], config: dict) -> dict[str
     for name, ids in convert_flux_transformer_checkpoint_to_diffusers(row_ids).items():
         done = 0
         for number, first, last in runs(ids):
-            original[keys[number]][first:last] = state[name][done:done + last - first]
+            original[keys[number]][first:last] = state[name][done : done + last - first]
             done += last - first
     return original
 
 
-def write_gguf(path: Path, shapes: dict[str, tuple[int, ...]], values: Callable[[str], torch.Tensor],
-               ggml_type: str) -> Path:
+def write_gguf(
+    path: Path, shapes: dict[str, tuple[int, ...]], values: Callable[[str], torch.Tensor], ggml_type: str
+) -> Path:
     """A GGUF file as city96's are made, one tensor in memory at a time (`values(name)` gives each): 2-D weights
     whose rows split into whole blocks quantized to `ggml_type` by the gguf package, the rest (biases,
     norms) F32."""
@@ -96,8 +103,13 @@ def write_gguf(path: Path, shapes: dict[str, tuple[int, ...]], values: Callable[
     writer = GGUFWriter(path, arch="flux")
     for name, shape in shapes.items():  # the header first: every tensor's name, type and size
         if name in quantized:
-            writer.add_tensor_info(name, (shape[0], shape[1] // block * size), np.dtype(np.uint8),
-                                   shape[0] * shape[1] // block * size, raw_dtype=qtype)
+            writer.add_tensor_info(
+                name,
+                (shape[0], shape[1] // block * size),
+                np.dtype(np.uint8),
+                shape[0] * shape[1] // block * size,
+                raw_dtype=qtype,
+            )
         else:
             writer.add_tensor_info(name, shape, np.dtype(np.float32), math.prod(shape) * 4)
     writer.write_header_to_file()
@@ -115,5 +127,6 @@ def gguf_from_diffusers(transformer_folder: Path, path: Path, ggml_type: str) ->
     config = json.loads((transformer_folder / "config.json").read_text())
     files = TensorFiles(sorted(transformer_folder.glob("*.safetensors")))
     original = to_original_layout({name: files.get(name) for name in files.keys()}, config)
-    return write_gguf(path, {name: tuple(tensor.shape) for name, tensor in original.items()}, original.__getitem__,
-                      ggml_type)
+    return write_gguf(
+        path, {name: tuple(tensor.shape) for name, tensor in original.items()}, original.__getitem__, ggml_type
+    )

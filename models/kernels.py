@@ -25,11 +25,17 @@ class Kernels:
 
 KERNELS = {
     "int8": Kernels("quanto int8 weights: dequantized, then a 16-bit matmul"),
-    "int4": Kernels("TinyGemm int4 (bf16 activations, group 128, CUDA ≥ 12.1)", fused_from=NATIVE_BF16,
-                    fallback="quanto's generic path: every weight dequantized at every call (slow)",
-                    fused_dtypes=(torch.bfloat16,)),
-    "fp8": Kernels("Marlin FP8 (quanto's CUDA extension, compiled at run time: needs a compiler)",
-                   fused_from=NATIVE_BF16, fallback="quanto's generic path: float8 weights upcast at every call"),
+    "int4": Kernels(
+        "TinyGemm int4 (bf16 activations, group 128, CUDA ≥ 12.1)",
+        fused_from=NATIVE_BF16,
+        fallback="quanto's generic path: every weight dequantized at every call (slow)",
+        fused_dtypes=(torch.bfloat16,),
+    ),
+    "fp8": Kernels(
+        "Marlin FP8 (quanto's CUDA extension, compiled at run time: needs a compiler)",
+        fused_from=NATIVE_BF16,
+        fallback="quanto's generic path: float8 weights upcast at every call",
+    ),
     "int8-bnb": Kernels("LLM.int8() int8 matmul (cuBLASLt)", requires=(7, 5)),
     "nf4": Kernels("bitsandbytes 4-bit dequantize + matmul"),
     "fp4": Kernels("bitsandbytes 4-bit dequantize + matmul"),
@@ -53,11 +59,14 @@ def refusal(recipe: str, capability: Capability | None, dtype: torch.dtype) -> s
     if capability is None:
         return None
     if dtype == torch.bfloat16 and capability < NATIVE_BF16:
-        return (f"{sm(capability)} has no native bf16 (it needs {sm(NATIVE_BF16)}+): set FLUX_COMPUTE_DTYPE=float16 "
-                f"or auto")
+        return (
+            f"{sm(capability)} has no native bf16 (it needs {sm(NATIVE_BF16)}+): set FLUX_COMPUTE_DTYPE=float16 or auto"
+        )
     kernels = KERNELS[recipe]
     if capability < kernels.requires:
-        return f"recipe {recipe} runs {kernels.fused}, which needs {sm(kernels.requires)}+; this card is {sm(capability)}"
+        return (
+            f"recipe {recipe} runs {kernels.fused}, which needs {sm(kernels.requires)}+; this card is {sm(capability)}"
+        )
     return None
 
 

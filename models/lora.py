@@ -29,8 +29,16 @@ LORA_MANIFEST = "lora.json"
 ADAPTER_FILE = "adapter.safetensors"
 REFUSED_VARIANTS = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "hada_w1": "LoHa", "lokr_w1": "LoKr"}
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.")
-ARCHITECTURE_KEYS = ("in_channels", "num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads",
-                     "joint_attention_dim", "pooled_projection_dim", "guidance_embeds")
+ARCHITECTURE_KEYS = (
+    "in_channels",
+    "num_layers",
+    "num_single_layers",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+    "pooled_projection_dim",
+    "guidance_embeds",
+)
 
 
 class LoraError(ValueError):
@@ -91,8 +99,10 @@ def raw_keys(path: Path) -> list[str]:
 def refuse_variants(path: Path, keys: list[str]) -> None:
     for marker, variant in REFUSED_VARIANTS.items():
         if any(marker in key for key in keys):
-            raise LoraError(f"{path}: a {variant} adapter ('{marker}' tensors); only plain LoRA (A and B per "
-                            f"layer) is served: its decomposition would be silently dropped")
+            raise LoraError(
+                f"{path}: a {variant} adapter ('{marker}' tensors); only plain LoRA (A and B per "
+                f"layer) is served: its decomposition would be silently dropped"
+            )
 
 
 def converted_pairs(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -104,20 +114,25 @@ def converted_pairs(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, floa
     return state, {key: float(value) for key, value in (alphas or {}).items()}
 
 
-def split_pairs(path: Path, state: dict[str, torch.Tensor], alphas: dict[str, float],
-                drop_text_encoder: bool) -> tuple[dict[str, LowRank], int]:
+def split_pairs(
+    path: Path, state: dict[str, torch.Tensor], alphas: dict[str, float], drop_text_encoder: bool
+) -> tuple[dict[str, LowRank], int]:
     """The transformer's low-rank pairs by module name, and how many text-encoder tensors were dropped."""
     text_encoder = [key for key in state if key.startswith(TEXT_ENCODER_PREFIXES)]
     if text_encoder and not drop_text_encoder:
-        raise LoraError(f"{path}: {len(text_encoder)} tensors train the text encoder (e.g. {text_encoder[0]}); this "
-                        f"server caches prompt embeddings and applies LoRAs to the transformer only. Add it with "
-                        f"--drop-text-encoder to serve its transformer part")
+        raise LoraError(
+            f"{path}: {len(text_encoder)} tensors train the text encoder (e.g. {text_encoder[0]}); this "
+            f"server caches prompt embeddings and applies LoRAs to the transformer only. Add it with "
+            f"--drop-text-encoder to serve its transformer part"
+        )
     pairs: dict[str, LowRank] = {}
     for key in sorted(set(state) - set(text_encoder)):
         module, _, kind = key.removeprefix("transformer.").rpartition(".lora_")
         if kind not in ("A.weight", "B.weight") or not key.startswith("transformer."):
-            raise LoraError(f"{path}: tensor {key!r} is not a LoRA pair of the transformer (bias, norm or full "
-                            f"weights are not served)")
+            raise LoraError(
+                f"{path}: tensor {key!r} is not a LoRA pair of the transformer (bias, norm or full "
+                f"weights are not served)"
+            )
         if kind == "B.weight":
             continue
         down, up = state[key], state.get(f"transformer.{module}.lora_B.weight")
@@ -137,21 +152,26 @@ def check_targets(path: Path, pairs: dict[str, LowRank], transformer: torch.nn.M
         try:
             layer = transformer.get_submodule(module)
         except AttributeError:
-            raise LoraError(f"{path}: targets {module!r}, which this FLUX transformer does not have (a LoRA "
-                            f"for another model or another architecture?)") from None
+            raise LoraError(
+                f"{path}: targets {module!r}, which this FLUX transformer does not have (a LoRA "
+                f"for another model or another architecture?)"
+            ) from None
         if not isinstance(layer, torch.nn.Linear):
             raise LoraError(f"{path}: targets {module!r}, a {type(layer).__name__}; only Linear layers are served")
         rank = pair.down.shape[0]
         expected = {"lora_A": (rank, layer.in_features), "lora_B": (layer.out_features, rank)}
         for name, tensor in (("lora_A", pair.down), ("lora_B", pair.up)):
             if tuple(tensor.shape) != expected[name]:
-                raise LoraError(f"{path}: {module}.{name} has shape {tuple(tensor.shape)}, the base's layer "
-                                f"needs {expected[name]} (rank {rank}, {layer.in_features} in, "
-                                f"{layer.out_features} out)")
+                raise LoraError(
+                    f"{path}: {module}.{name} has shape {tuple(tensor.shape)}, the base's layer "
+                    f"needs {expected[name]} (rank {rank}, {layer.in_features} in, "
+                    f"{layer.out_features} out)"
+                )
 
 
-def read_lora_file(path: Path, transformer: torch.nn.Module, drop_text_encoder: bool = False
-                   ) -> tuple[dict[str, LowRank], str, int]:
+def read_lora_file(
+    path: Path, transformer: torch.nn.Module, drop_text_encoder: bool = False
+) -> tuple[dict[str, LowRank], str, int]:
     """A LoRA file's transformer pairs, checked against `transformer`; its layout; text-encoder tensors dropped."""
     path = Path(path)
     keys = raw_keys(path)
@@ -161,15 +181,22 @@ def read_lora_file(path: Path, transformer: torch.nn.Module, drop_text_encoder: 
     return pairs, detect_layout(keys), dropped
 
 
-def describe_pairs(pairs: dict[str, LowRank], architecture: str, source: Path, layout: str,
-                   dropped: int = 0) -> LoraManifest:
+def describe_pairs(
+    pairs: dict[str, LowRank], architecture: str, source: Path, layout: str, dropped: int = 0
+) -> LoraManifest:
     """The manifest of `pairs` read from `source`; `write_adapter` fills in the stored file's sha256."""
     dtypes = {str(pair.down.dtype).removeprefix("torch.") for pair in pairs.values()}
     return LoraManifest(
-        architecture=architecture, source_file=source.name, source_sha256=sha256_file(source), layout=layout,
-        dtype=dtypes.pop() if len(dtypes) == 1 else "mixed", rank=max(p.down.shape[0] for p in pairs.values()),
+        architecture=architecture,
+        source_file=source.name,
+        source_sha256=sha256_file(source),
+        layout=layout,
+        dtype=dtypes.pop() if len(dtypes) == 1 else "mixed",
+        rank=max(p.down.shape[0] for p in pairs.values()),
         targets={module: Target(rank=pair.down.shape[0], scale=pair.scale) for module, pair in pairs.items()},
-        text_encoder_tensors_dropped=dropped, files={})
+        text_encoder_tensors_dropped=dropped,
+        files={},
+    )
 
 
 def write_adapter(folder: Path, pairs: dict[str, LowRank], manifest: LoraManifest) -> LoraManifest:
@@ -202,5 +229,7 @@ def load_adapter(folder: Path) -> tuple[LoraManifest, dict[str, LowRank]]:
     if not path.is_file() or sha256_file(path) != manifest.files.get(ADAPTER_FILE):
         raise LoraError(f"{path}: missing or sha256 mismatch (truncated or altered file)")
     tensors = load_file(path)
-    return manifest, {module: LowRank(tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"], target.scale)
-                      for module, target in manifest.targets.items()}
+    return manifest, {
+        module: LowRank(tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"], target.scale)
+        for module, target in manifest.targets.items()
+    }

@@ -27,8 +27,9 @@ class SingleFileTransformer(TensorFiles):
     def convert_keys(self) -> None:
         """Where each diffusers tensor's rows lie in the source tensors."""
         self.source_keys = list(self.files)
-        row_ids = {key: (number << ROW_BITS) + torch.arange(self.rows(key))
-                   for number, key in enumerate(self.source_keys)}
+        row_ids = {
+            key: (number << ROW_BITS) + torch.arange(self.rows(key)) for number, key in enumerate(self.source_keys)
+        }
         converted = convert_flux_transformer_checkpoint_to_diffusers(row_ids)
         self.pieces = {name: runs(ids) for name, ids in converted.items()}
 
@@ -43,7 +44,6 @@ class SingleFileTransformer(TensorFiles):
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
         return tensor if start is None else tensor[start:stop]
 
-
     def source_rows(self, key: str, first: int, last: int) -> torch.Tensor:
         """Rows [first, last) of a tensor as the source file names it."""
         return TensorFiles.get(self, key, first, last)
@@ -53,25 +53,40 @@ def original_layout_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Tensor shapes of BFL's single-file layout (`flux1-dev.safetensors`) for a FluxTransformer2DModel config."""
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     mlp, head = 4 * hidden, config["attention_head_dim"]
-    shapes = {"img_in.weight": (hidden, config["in_channels"]), "txt_in.weight": (hidden, config["joint_attention_dim"]),
-              "final_layer.linear.weight": (config["in_channels"], hidden),
-              "final_layer.adaLN_modulation.1.weight": (2 * hidden, hidden)}
-    embedders = (("time_in", 256), ("vector_in", config["pooled_projection_dim"]),
-                 *((("guidance_in", 256),) if config["guidance_embeds"] else ()))
+    shapes = {
+        "img_in.weight": (hidden, config["in_channels"]),
+        "txt_in.weight": (hidden, config["joint_attention_dim"]),
+        "final_layer.linear.weight": (config["in_channels"], hidden),
+        "final_layer.adaLN_modulation.1.weight": (2 * hidden, hidden),
+    }
+    embedders = (
+        ("time_in", 256),
+        ("vector_in", config["pooled_projection_dim"]),
+        *((("guidance_in", 256),) if config["guidance_embeds"] else ()),
+    )
     for embedder, inputs in embedders:
         shapes |= {f"{embedder}.in_layer.weight": (hidden, inputs), f"{embedder}.out_layer.weight": (hidden, hidden)}
     for i in range(config["num_layers"]):
         for stream in ("img", "txt"):
             block = f"double_blocks.{i}.{stream}"
-            shapes |= {f"{block}_mod.lin.weight": (6 * hidden, hidden), f"{block}_attn.qkv.weight": (3 * hidden, hidden),
-                       f"{block}_attn.norm.query_norm.scale": (head,), f"{block}_attn.norm.key_norm.scale": (head,),
-                       f"{block}_attn.proj.weight": (hidden, hidden), f"{block}_mlp.0.weight": (mlp, hidden),
-                       f"{block}_mlp.2.weight": (hidden, mlp)}
+            shapes |= {
+                f"{block}_mod.lin.weight": (6 * hidden, hidden),
+                f"{block}_attn.qkv.weight": (3 * hidden, hidden),
+                f"{block}_attn.norm.query_norm.scale": (head,),
+                f"{block}_attn.norm.key_norm.scale": (head,),
+                f"{block}_attn.proj.weight": (hidden, hidden),
+                f"{block}_mlp.0.weight": (mlp, hidden),
+                f"{block}_mlp.2.weight": (hidden, mlp),
+            }
     for i in range(config["num_single_layers"]):
         block = f"single_blocks.{i}"
-        shapes |= {f"{block}.linear1.weight": (3 * hidden + mlp, hidden), f"{block}.linear2.weight": (hidden, hidden + mlp),
-                   f"{block}.norm.query_norm.scale": (head,), f"{block}.norm.key_norm.scale": (head,),
-                   f"{block}.modulation.lin.weight": (3 * hidden, hidden)}
+        shapes |= {
+            f"{block}.linear1.weight": (3 * hidden + mlp, hidden),
+            f"{block}.linear2.weight": (hidden, hidden + mlp),
+            f"{block}.norm.query_norm.scale": (head,),
+            f"{block}.norm.key_norm.scale": (head,),
+            f"{block}.modulation.lin.weight": (3 * hidden, hidden),
+        }
     biases = {name.replace(".weight", ".bias"): shape[:1] for name, shape in shapes.items() if name.endswith(".weight")}
     return shapes | biases
 

@@ -61,8 +61,9 @@ def linear_layers(preset_name: str, component: str) -> dict[str, tuple[int, int]
     """Every Linear layer by module name: (weights, input features)."""
     with torch.device("meta"):
         module = build_module(preset_name, component)
-    return {name: (m.weight.numel(), m.in_features) for name, m in module.named_modules()
-            if isinstance(m, torch.nn.Linear)}
+    return {
+        name: (m.weight.numel(), m.in_features) for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)
+    }
 
 
 def expected_bytes(preset_name: str, component: str, linear_bytes_per_weight: float = 2.0) -> int:
@@ -81,8 +82,9 @@ def vae_decode(resolution: int, tiled: bool) -> int:
     return side * side * VAE_BYTES_PER_PIXEL
 
 
-def resident_peak_bytes(weights: dict[str, int], resolution: int, batch: int = 1, tiled: bool = False,
-                        hidden: int = 3072) -> int:
+def resident_peak_bytes(
+    weights: dict[str, int], resolution: int, batch: int = 1, tiled: bool = False, hidden: int = 3072
+) -> int:
     """Peak with every component on the GPU: all weights, the context, and the larger of denoise and decode."""
     resident = sum(weights[c] for c in ("transformer", "text_encoder_2", "text_encoder", "vae")) + CUDA_CONTEXT
     return resident + max(transformer_activations(resolution, batch, hidden), vae_decode(resolution, tiled))

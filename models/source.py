@@ -97,8 +97,9 @@ def resolve_source(name: str, revision: str | None = None, base: str = DEFAULT_B
     try:
         snapshot = Path(snapshot_download(name, revision=revision))
     except (HFValidationError, LocalEntryNotFoundError, OSError) as error:
-        raise SourceError(f"{name}: neither a local folder or file nor a repo id found in the Hugging Face "
-                          f"cache ({error})") from error
+        raise SourceError(
+            f"{name}: neither a local folder or file nor a repo id found in the Hugging Face cache ({error})"
+        ) from error
     return Source(id=name, revision=snapshot.name, path=snapshot)
 
 
@@ -108,7 +109,8 @@ def load_source_pipeline(source: Source, dtype: torch.dtype = torch.bfloat16) ->
         from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
         gguf = dict(quantization_config=GGUFQuantizationConfig(compute_dtype=dtype)) if source.is_gguf else {}
-        transformer = FluxTransformer2DModel.from_single_file(source.transformer_file, config=str(source.path),
-                                                              subfolder="transformer", dtype=dtype, **gguf)
+        transformer = FluxTransformer2DModel.from_single_file(
+            source.transformer_file, config=str(source.path), subfolder="transformer", dtype=dtype, **gguf
+        )
         return FluxPipeline.from_pretrained(source.path, transformer=transformer, dtype=dtype)
     return FluxPipeline.from_pretrained(source.path, dtype=dtype)

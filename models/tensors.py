@@ -17,11 +17,24 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-          "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 ALIGNMENT = 64  # bytes; where the writer starts every shard's data, so tensors can be used where they are mapped
-SHARD_BYTES = 256 << 20  # what a shard may hold: bounds the writer's memory, and lets the loader hash shards on all cores
+SHARD_BYTES = (
+    256 << 20
+)  # what a shard may hold: bounds the writer's memory, and lets the loader hash shards on all cores
 
 
 class TensorFiles:
@@ -168,9 +181,9 @@ def shard_tensors(path: Path, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file held in `buffer`, as views of it (copied where misaligned)."""
     try:
         header_size = int.from_bytes(buffer[:8].numpy().tobytes(), "little")
-        header = json.loads(buffer[8:8 + header_size].numpy().tobytes())
+        header = json.loads(buffer[8 : 8 + header_size].numpy().tobytes())
         header.pop("__metadata__", None)
-        data = buffer[8 + header_size:]
+        data = buffer[8 + header_size :]
         return {name: _tensor(data, entry) for name, entry in header.items()}
     except (KeyError, TypeError, ValueError, RuntimeError) as error:  # a header or offsets that do not add up
         raise ValueError(f"{path}: unreadable safetensors file ({error!r})") from error

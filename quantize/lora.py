@@ -25,10 +25,16 @@ def add_lora(path: Path, name: str, base_tag: str, drop_text_encoder: bool = Fal
     pairs, layout, dropped = read_lora_file(path, empty_model(FluxTransformer2DModel, base), drop_text_encoder)
     architecture = architecture_id(json.loads((base / "config.json").read_text()))
     manifest = describe_pairs(pairs, architecture, path, layout, dropped)
-    labels = {"kind": "lora", "architecture": architecture, "rank": str(manifest.rank),
-              "targets": str(len(pairs)), "layout": layout}
-    with bentoml.models.create(name, labels=labels, metadata={"base": base_tag, "source_sha256": manifest.source_sha256}
-                               ) as model:
+    labels = {
+        "kind": "lora",
+        "architecture": architecture,
+        "rank": str(manifest.rank),
+        "targets": str(len(pairs)),
+        "layout": layout,
+    }
+    with bentoml.models.create(
+        name, labels=labels, metadata={"base": base_tag, "source_sha256": manifest.source_sha256}
+    ) as model:
         try:
             manifest = write_adapter(Path(model.path), pairs, manifest)
         except BaseException:
@@ -44,15 +50,20 @@ def main(argv: list[str]) -> int:
     add.add_argument("file", type=Path, help="the LoRA (.safetensors): kohya, ComfyUI, XLabs or diffusers layout")
     add.add_argument("--name", required=True, help="model-store name; requests use it in `loras[].name`")
     add.add_argument("--base", required=True, help="the artifact tag it is checked against (its architecture)")
-    add.add_argument("--drop-text-encoder", action="store_true",
-                     help="store the transformer part of a LoRA that also trains the text encoder")
+    add.add_argument(
+        "--drop-text-encoder",
+        action="store_true",
+        help="store the transformer part of a LoRA that also trains the text encoder",
+    )
     args = parser.parse_args(argv)
     try:
         tag, manifest = add_lora(args.file, args.name, args.base, args.drop_text_encoder)
     except LoraError as error:
         Console(stderr=True).print(f"[red]refused:[/red] {error}; nothing was stored")
         return 2
-    Console(stderr=True).print(f"{args.file.name}: {manifest.layout} layout, {len(manifest.targets)} targets, rank "
-                               f"{manifest.rank}, {manifest.dtype}, for {manifest.architecture}")
+    Console(stderr=True).print(
+        f"{args.file.name}: {manifest.layout} layout, {len(manifest.targets)} targets, rank "
+        f"{manifest.rank}, {manifest.dtype}, for {manifest.architecture}"
+    )
     print(tag)
     return 0

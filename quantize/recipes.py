@@ -3,14 +3,11 @@
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatch
 
-import bitsandbytes as bnb
 import torch
 from diffusers import FluxPipeline
 from transformers import T5EncoderModel
-from optimum.quanto import AbsmaxOptimizer, MaxOptimizer, qtypes, quantize_weight
-from optimum.quanto.nn import quantize_module
 
-from models.quantized import bnb_4bit_linear, bnb_int8_linear
+from models.backends import BACKENDS, Backend
 from models.sizes import DEFAULT_GROUP_SIZE, bytes_per_weight, linear_layers, parameter_counts
 
 QUANTIZABLE = ("transformer", "text_encoder_2", "text_encoder")
@@ -21,13 +18,17 @@ FP32_IN_FLOAT16 = {"text_encoder_2": tuple(T5EncoderModel._keep_in_fp32_modules)
 class Recipe:
     name: str
     description: str
-    backend: str  # "quanto", "bitsandbytes" or "gguf"
+    backend: str  # a name in models.backends.BACKENDS: "quanto", "bitsandbytes" or "gguf"
     weights: str  # quanto: qint8, qint4, qfloat8_e4m3fn; bitsandbytes: int8, nf4, fp4; gguf: the file's own types
     group_size: int | None = None  # quanto int4 group / bitsandbytes 4-bit block (None: the default)
     double_quant: bool = False  # bitsandbytes 4-bit: quantize the block scales too
     components: tuple[str, ...] = ("transformer", "text_encoder_2")
     # per component, module-name patterns (fnmatch) left in bf16: the final projection is the most sensitive
     keep: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"transformer": ("proj_out",)})
+
+    @property
+    def quantizer(self) -> Backend:
+        return BACKENDS[self.backend]
 
     @property
     def weight_format(self) -> str:
@@ -42,29 +43,33 @@ class Recipe:
     def bytes_per_weight(self) -> float:
         return bytes_per_weight(self.weight_format, self.groups, self.double_quant)
 
-    def tailored(self, components: tuple[str, ...] | None, keep: dict[str, tuple[str, ...]],
-                 group_size: int | None = None) -> "Recipe":
+    def tailored(
+        self, components: tuple[str, ...] | None, keep: dict[str, tuple[str, ...]], group_size: int | None = None
+    ) -> "Recipe":
         """This recipe on other components, keeping more modules in bf16, or with another group size."""
         unknown = (set(components or ()) | set(keep)) - set(QUANTIZABLE)
         if unknown:
             raise ValueError(f"unknown component(s) {sorted(unknown)}: use {', '.join(QUANTIZABLE)}")
-        if self.backend == "gguf" and set(components or self.components) != set(self.components):
+        if self.quantizer.keeps_source_blocks and set(components or self.components) != set(self.components):
             raise ValueError("--components: recipe gguf keeps a GGUF transformer's blocks and quantizes nothing else")
         if group_size is not None and self.groups is None:
             raise ValueError(f"--group-size: recipe {self.name} ({self.weights}) has no groups")
         if group_size is not None and (group_size < 32 or group_size & (group_size - 1)):
             raise ValueError(f"--group-size {group_size}: must be a power of two, at least 32")
-        merged = {name: tuple(dict.fromkeys(self.keep.get(name, ()) + keep.get(name, ()))) for name in
-                  set(self.keep) | set(keep)}
-        return replace(self, components=components or self.components, keep=merged,
-                       group_size=group_size or self.group_size)
+        merged = {
+            name: tuple(dict.fromkeys(self.keep.get(name, ()) + keep.get(name, ())))
+            for name in set(self.keep) | set(keep)
+        }
+        return replace(
+            self, components=components or self.components, keep=merged, group_size=group_size or self.group_size
+        )
 
     def quantizes(self, component: str, name: str, module: torch.nn.Module) -> bool:
         """Whether this Linear is quantized: not kept in bf16, and its rows split into whole groups."""
         return isinstance(module, torch.nn.Linear) and self.quantizes_linear(component, name, module.in_features)
 
     def quantizes_linear(self, component: str, name: str, in_features: int) -> bool:
-        if self.backend == "gguf" or component not in self.components:
+        if self.quantizer.keeps_source_blocks or component not in self.components:
             return False
         if any(fnmatch(name, pattern) for pattern in self.keep.get(component, ())):
             return False
@@ -75,7 +80,7 @@ class Recipe:
         the rest at 2 bytes, and under float16 T5's kept `wo` layers at 4 (models.artifact.cast_state)."""
         linear, other = parameter_counts(preset_name, component)
         total = other * 2
-        blocks_kept = self.backend == "gguf" and component in self.components  # at Q8_0's size, the largest
+        blocks_kept = self.quantizer.keeps_source_blocks and component in self.components  # at Q8_0's size, the largest
         for name, (weights, in_features) in linear_layers(preset_name, component).items():
             if blocks_kept or self.quantizes_linear(component, name, in_features):
                 total += weights * self.bytes_per_weight
@@ -86,8 +91,13 @@ class Recipe:
 
     def manifest_entry(self, kept: list[str]) -> dict:
         """What the manifest records for a component quantized with this recipe."""
-        return {"backend": self.backend, "weights": self.weights, "group_size": self.groups,
-                "double_quant": self.double_quant, "kept_in_bf16": ",".join(kept)}
+        return {
+            "backend": self.backend,
+            "weights": self.weights,
+            "group_size": self.groups,
+            "double_quant": self.double_quant,
+            "kept_in_bf16": ",".join(kept),
+        }
 
 
 # T5's `wo` casts its input to the weight's dtype unless that is int8 (transformers' fp16 guard): a 4-bit
@@ -102,55 +112,33 @@ RECIPES = {
         Recipe("int4", "optimum-quanto int4 weights, groups of 128 with scale and shift", "quanto", "qint4"),
         Recipe("fp8", "optimum-quanto float8 (e4m3) weights", "quanto", "qfloat8_e4m3fn"),
         Recipe("int8-bnb", "bitsandbytes LLM.int8() weights", "bitsandbytes", "int8"),
-        Recipe("nf4", "bitsandbytes NF4, blocks of 64, double-quantized scales (QLoRA)", "bitsandbytes", "nf4",
-               double_quant=True, keep=KEEP_4BIT),
+        Recipe(
+            "nf4",
+            "bitsandbytes NF4, blocks of 64, double-quantized scales (QLoRA)",
+            "bitsandbytes",
+            "nf4",
+            double_quant=True,
+            keep=KEEP_4BIT,
+        ),
         Recipe("fp4", "bitsandbytes FP4, blocks of 64", "bitsandbytes", "fp4", keep=KEEP_4BIT),
-        Recipe("gguf", "a GGUF file's own blocks, served as they are (sizes: Q8_0; Q4_0 is 0.53×)",
-               "gguf", "gguf", components=("transformer",), keep={}),
+        Recipe(
+            "gguf",
+            "a GGUF file's own blocks, served as they are (sizes: Q8_0; Q4_0 is 0.53×)",
+            "gguf",
+            "gguf",
+            components=("transformer",),
+            keep={},
+        ),
     )
 }
-
-
-def quantized_linear(linear: torch.nn.Linear, recipe: Recipe) -> tuple[torch.nn.Module, dict]:
-    """The recipe's quantized module for a Linear with real weights, and its quantization-map entry."""
-    weight = linear.weight.data
-    if recipe.backend == "quanto":
-        module = quantize_module(linear, weights=recipe.weights)
-        module.weight_group_size = recipe.groups
-        module.weight = torch.nn.Parameter(_quanto_weight(weight, recipe), requires_grad=False)
-        return module.train(linear.training), {"weights": recipe.weights, "activations": "none",
-                                               "group_size": recipe.groups}
-    if recipe.weights == "int8":
-        rows, scales, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16))
-        module = bnb_int8_linear(linear, rows, scales)
-    else:
-        packed, state = bnb.functional.quantize_4bit(weight, blocksize=recipe.groups, quant_type=recipe.weights,
-                                                     compress_statistics=recipe.double_quant)
-        module = bnb_4bit_linear(linear, packed, state.as_dict(packed=True))
-    if linear.bias is not None:
-        module.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-    return module.train(linear.training), {"weights": recipe.weights}  # LLM.int8() computes differently in training
-
-
-def _quanto_weight(weight: torch.Tensor, recipe: Recipe) -> torch.Tensor:
-    """What quanto's `freeze` computes, in its kernel-agnostic layout: packing int4 for a CPU kernel and
-    unpacking it to save costs seconds per layer. Loading (or `optimize`) picks the kernel."""
-    qtype = qtypes[recipe.weights]
-    if qtype.bits == 8:
-        return quantize_weight(weight, qtype, axis=0, scale=AbsmaxOptimizer()(weight, qtype=qtype, axis=0),
-                               optimized=False)
-    scale, shift = MaxOptimizer()(weight, qtype=qtype, axis=0, group_size=recipe.groups)
-    return quantize_weight(weight, qtype, axis=0, scale=scale, shift=shift, group_size=recipe.groups, optimized=False)
 
 
 def quantize_model(model: torch.nn.Module, component: str, recipe: Recipe) -> None:
     """Quantize a component already in memory, in place (benchmarks and tests; artifacts are streamed)."""
     for name, module in list(model.named_modules()):
         if recipe.quantizes(component, name, module):
-            quantized = quantized_linear(module, recipe)[0]
-            if recipe.backend == "quanto":  # the kernel loading would pick
-                quantized.weight = torch.nn.Parameter(quantized.weight.optimize(), requires_grad=False)
-            model.set_submodule(name, quantized)
+            quantized = recipe.quantizer.quantize(module, recipe)[0]
+            model.set_submodule(name, recipe.quantizer.for_inference(quantized))
 
 
 def apply_recipe(pipe: FluxPipeline, recipe: Recipe) -> None:

@@ -41,11 +41,19 @@ class QualityGateFailed(RuntimeError):
     """The quantized pipeline's images fell below the bar; nothing was stored."""
 
 
-def quantize_to_store(source: Source, recipe: Recipe, name: str, step=lambda description: None,
-                      gate: Gate | None = Gate(), progress: Progress = lambda *_: None) -> StoredArtifact:
+def quantize_to_store(
+    source: Source,
+    recipe: Recipe,
+    name: str,
+    step=lambda description: None,
+    gate: Gate | None = Gate(),
+    progress: Progress = lambda *_: None,
+) -> StoredArtifact:
     """Stream, quantize, validate, hash and store; nothing reaches the store unless every step succeeds."""
-    if recipe.backend == "gguf" and not source.is_gguf:
-        raise SourceError(f"recipe gguf keeps the blocks of a GGUF file: {source.id} is not a .gguf transformer")
+    if recipe.quantizer.keeps_source_blocks and not source.is_gguf:
+        raise SourceError(
+            f"recipe {recipe.name} keeps the blocks of a GGUF file: {source.id} is not a .gguf transformer"
+        )
     source_bytes = {component: source.tensors(component).bf16_bytes() for component in MODULES}
     check_free_disk(expected_artifact_bytes(source_bytes, recipe), [Path(tempfile.gettempdir()), store_path()])
     labels = {"recipe": recipe.name, "backend": recipe.backend, "source": source.slug, "variant": source.variant.name}
@@ -54,10 +62,17 @@ def quantize_to_store(source: Source, recipe: Recipe, name: str, step=lambda des
         folder = Path(model.path)  # staged in a temporary folder; moved into the store only on success
         try:
             components = write_artifact(source, recipe, folder, step, progress)
-            manifest = Manifest(source=source.id, source_revision=source.revision, recipe=recipe.name,
-                                backend=recipe.backend, variant=source.variant.name, components=components, files={},
-                                libraries={library: version(library) for library in LIBRARIES},
-                                estimated_peak_gib_1024=estimated_peak_gib(components))
+            manifest = Manifest(
+                source=source.id,
+                source_revision=source.revision,
+                recipe=recipe.name,
+                backend=recipe.backend,
+                variant=source.variant.name,
+                components=components,
+                files={},
+                libraries={library: version(library) for library in LIBRARIES},
+                estimated_peak_gib_1024=estimated_peak_gib(components),
+            )
             (folder / MANIFEST).write_text(manifest.model_dump_json(indent=2))
             if gate:
                 manifest.quality = run_gate(source, folder, gate, step).model_dump()
@@ -83,8 +98,12 @@ def write_artifact(source: Source, recipe: Recipe, folder: Path, step, progress:
         else:
             COMPONENT_CLASSES[name].from_pretrained(source.path / name).save_pretrained(target)
             quantization, dtype = None, None
-        components[name] = Component(class_name=COMPONENT_CLASSES[name].__name__, dtype=dtype,
-                                     quantization=quantization, bytes=folder_bytes(target))
+        components[name] = Component(
+            class_name=COMPONENT_CLASSES[name].__name__,
+            dtype=dtype,
+            quantization=quantization,
+            bytes=folder_bytes(target),
+        )
     return components
 
 
@@ -98,8 +117,10 @@ def run_gate(source: Source, folder: Path, gate: Gate, step) -> QualityReport:
     (folder / CONTACT_SHEET).parent.mkdir(parents=True, exist_ok=True)
     (folder / CONTACT_SHEET).write_bytes(contact_sheet(reference, candidate))
     if gate.min_psnr_db is not None and quality.image_psnr_db < gate.min_psnr_db:
-        raise QualityGateFailed(f"image PSNR {quality.image_psnr_db:.2f} dB is below --min-psnr "
-                                f"{gate.min_psnr_db:.2f} dB (SSIM {quality.image_ssim:.4f}); nothing was stored")
+        raise QualityGateFailed(
+            f"image PSNR {quality.image_psnr_db:.2f} dB is below --min-psnr "
+            f"{gate.min_psnr_db:.2f} dB (SSIM {quality.image_ssim:.4f}); nothing was stored"
+        )
     return quality
 
 
@@ -126,8 +147,9 @@ def check_free_disk(needed: int, folders: list[Path], margin: float = 1.1) -> No
         folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder).free
         if free < needed * margin:
-            raise InsufficientDisk(f"{folder}: {free / 1e9:.1f} GB free, the artifact needs about "
-                                   f"{needed * margin / 1e9:.1f} GB")
+            raise InsufficientDisk(
+                f"{folder}: {free / 1e9:.1f} GB free, the artifact needs about {needed * margin / 1e9:.1f} GB"
+            )
 
 
 class InsufficientDisk(OSError):

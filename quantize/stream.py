@@ -13,25 +13,30 @@ from pathlib import Path
 
 import torch
 
-from gguf import GGML_QUANT_SIZES
-
 from models.artifact import COMPONENT_CLASSES, QUANTIZATION_MAP, empty_model, write_config
+from models.backends.gguf import blocks_shape
 from models.gguf_file import GGUFTransformer
 from models.source import Source, SourceError
 from models.tensors import SHARD_BYTES, ShardWriter, TensorFiles
-from quantize.recipes import Recipe, quantized_linear
+from quantize.recipes import Recipe
 
 Progress = Callable[[str, int, int], None]  # component, modules done, modules in all
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
 
 
-def write_component(source: Source, component: str, folder: Path, recipe: Recipe,
-                    progress: Progress = lambda *_: None, dtype: torch.dtype = torch.bfloat16,
-                    shard_bytes: int = SHARD_BYTES) -> dict | None:
+def write_component(
+    source: Source,
+    component: str,
+    folder: Path,
+    recipe: Recipe,
+    progress: Progress = lambda *_: None,
+    dtype: torch.dtype = torch.bfloat16,
+    shard_bytes: int = SHARD_BYTES,
+) -> dict | None:
     """Write one component as config + shards (+ quantization map); returns its manifest entry."""
     model = empty_model(COMPONENT_CLASSES[component], source.path / component)
     tensors = source.tensors(component)
-    keeps_blocks = recipe.backend == "gguf" and isinstance(tensors, GGUFTransformer)
+    keeps_blocks = recipe.quantizer.keeps_source_blocks and isinstance(tensors, GGUFTransformer)
     aliases = _aliases(model)
     writer, quantization, kept, seen = ShardWriter(folder, shard_bytes), {}, [], set()
     modules = [(name, module) for name, module in model.named_modules() if _own_tensors(module)]
@@ -47,9 +52,11 @@ def write_component(source: Source, component: str, folder: Path, recipe: Recipe
             continue
         state = {key: _cast(_read(tensors, aliases[id(tensor)], tensor), dtype) for key, tensor in meta.items()}
         for key, tensor in state.items():
-            setattr(module, key, torch.nn.Parameter(tensor, requires_grad=False) if key in module._parameters else tensor)
+            setattr(
+                module, key, torch.nn.Parameter(tensor, requires_grad=False) if key in module._parameters else tensor
+            )
         if recipe.quantizes(component, name, module):
-            quantized, quantization[name] = quantized_linear(module, recipe)
+            quantized, quantization[name] = recipe.quantizer.quantize(module, recipe)
             state = quantized.state_dict()
         elif isinstance(module, torch.nn.Linear) and component in recipe.components:
             kept.append(name)
@@ -66,16 +73,17 @@ def write_component(source: Source, component: str, folder: Path, recipe: Recipe
     return None
 
 
-def _gguf_blocks(tensors: GGUFTransformer, name: str, linear: torch.nn.Linear,
-                 dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
+def _gguf_blocks(
+    tensors: GGUFTransformer, name: str, linear: torch.nn.Linear, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict]:
     """A Linear's GGML blocks as they are in the file (the bias in `dtype`), and its quantization-map entry."""
     ggml_type = tensors.ggml_type(f"{name}.weight")
     blocks = tensors.blocks(f"{name}.weight")
-    block, size = GGML_QUANT_SIZES[ggml_type]
-    expected = (linear.out_features, linear.in_features // block * size)
-    if linear.in_features % block or tuple(blocks.shape) != expected:
-        raise SourceError(f"{_where(tensors)}: {name}.weight ({ggml_type.name}) has {tuple(blocks.shape)} bytes, "
-                          f"the config says {linear.out_features}x{linear.in_features} weights")
+    if tuple(blocks.shape) != blocks_shape(linear, ggml_type):
+        raise SourceError(
+            f"{_where(tensors)}: {name}.weight ({ggml_type.name}) has {tuple(blocks.shape)} bytes, "
+            f"the config says {linear.out_features}x{linear.in_features} weights"
+        )
     state = {"weight": blocks}
     if linear.bias is not None:
         state["bias"] = _cast(_read(tensors, [f"{name}.bias"], linear.bias), dtype)
@@ -110,8 +118,10 @@ def _read(tensors: TensorFiles, names: list[str], like: torch.Tensor) -> torch.T
         raise SourceError(f"{_where(tensors)}: no tensor {' or '.join(names)}")
     tensor = tensors.get(found[0])
     if tensor.shape != like.shape:
-        raise SourceError(f"{tensors.files.get(found[0], _where(tensors))}: {found[0]} has shape {tuple(tensor.shape)}, "
-                          f"the config says {tuple(like.shape)}")
+        raise SourceError(
+            f"{tensors.files.get(found[0], _where(tensors))}: {found[0]} has shape {tuple(tensor.shape)}, "
+            f"the config says {tuple(like.shape)}"
+        )
     return tensor
 
 

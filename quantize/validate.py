@@ -46,12 +46,20 @@ def render(pipe: FluxPipeline, size: int, steps: int) -> Renders:
     images, latents = [], []
     variant = variant_of(pipe.transformer.config)
     for prompt, seed in PROMPTS:
-        packed = pipe(prompt, height=size, width=size, num_inference_steps=steps, output_type="latent",
-                      guidance_scale=variant.guidance, max_sequence_length=variant.max_sequence_length,
-                      generator=torch.Generator().manual_seed(seed)).images
+        packed = pipe(
+            prompt,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            output_type="latent",
+            guidance_scale=variant.guidance,
+            max_sequence_length=variant.max_sequence_length,
+            generator=torch.Generator().manual_seed(seed),
+        ).images
         unpacked = pipe._unpack_latents(packed, size, size, pipe.vae_scale_factor)
-        decoded = pipe.vae.decode(unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor,
-                                  return_dict=False)[0]
+        decoded = pipe.vae.decode(
+            unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor, return_dict=False
+        )[0]
         images.append(np.asarray(pipe.image_processor.postprocess(decoded, output_type="pil")[0]))
         latents.append(unpacked[0].float().numpy())
     return Renders(images, latents)
@@ -59,19 +67,32 @@ def render(pipe: FluxPipeline, size: int, steps: int) -> Renders:
 
 def compare(reference: Renders, candidate: Renders, size: int, steps: int) -> QualityReport:
     rows = []
-    for (prompt, seed), ref_image, image, ref_latent, latent in zip(PROMPTS, reference.images, candidate.images,
-                                                                    reference.latents, candidate.latents):
+    for (prompt, seed), ref_image, image, ref_latent, latent in zip(
+        PROMPTS, reference.images, candidate.images, reference.latents, candidate.latents, strict=True
+    ):
         latent_range = float(ref_latent.max() - ref_latent.min()) or 1.0
-        rows.append({
-            "prompt": prompt, "seed": seed,
-            "image_psnr_db": _finite(peak_signal_noise_ratio(ref_image, image, data_range=255)),
-            "image_ssim": float(structural_similarity(ref_image, image, channel_axis=2, data_range=255)),
-            "latent_psnr_db": _finite(peak_signal_noise_ratio(ref_latent, latent, data_range=latent_range)),
-            "latent_ssim": float(structural_similarity(ref_latent, latent, channel_axis=0, data_range=latent_range)),
-        })
+        rows.append(
+            {
+                "prompt": prompt,
+                "seed": seed,
+                "image_psnr_db": _finite(peak_signal_noise_ratio(ref_image, image, data_range=255)),
+                "image_ssim": float(structural_similarity(ref_image, image, channel_axis=2, data_range=255)),
+                "latent_psnr_db": _finite(peak_signal_noise_ratio(ref_latent, latent, data_range=latent_range)),
+                "latent_ssim": float(
+                    structural_similarity(ref_latent, latent, channel_axis=0, data_range=latent_range)
+                ),
+            }
+        )
     mean = lambda key: float(np.mean([row[key] for row in rows]))  # noqa: E731
-    return QualityReport(size=size, steps=steps, image_psnr_db=mean("image_psnr_db"), image_ssim=mean("image_ssim"),
-                         latent_psnr_db=mean("latent_psnr_db"), latent_ssim=mean("latent_ssim"), per_prompt=rows)
+    return QualityReport(
+        size=size,
+        steps=steps,
+        image_psnr_db=mean("image_psnr_db"),
+        image_ssim=mean("image_ssim"),
+        latent_psnr_db=mean("latent_psnr_db"),
+        latent_ssim=mean("latent_ssim"),
+        per_prompt=rows,
+    )
 
 
 def _finite(psnr: float) -> float:

@@ -33,18 +33,25 @@ class FluxClient:
         """The image's bytes, in the request's format."""
         response = self.http.post("/txt2img", json=request.model_dump(mode="json"))
         if response.is_error:
-            raise httpx.HTTPStatusError(f"{response.status_code}: {response.text}", request=response.request,
-                                        response=response)
+            raise httpx.HTTPStatusError(
+                f"{response.status_code}: {response.text}", request=response.request, response=response
+            )
         return response.content
 
     def _json(self, response: httpx.Response) -> dict:
         if response.is_error:
-            raise httpx.HTTPStatusError(f"{response.status_code}: {response.text}", request=response.request,
-                                        response=response)
+            raise httpx.HTTPStatusError(
+                f"{response.status_code}: {response.text}", request=response.request, response=response
+            )
         return response.json()
 
-    def submit_job(self, request: GenerationRequest, webhook: str | None = None, idempotency_key: str | None = None,
-                   wait_s: int = 0) -> dict:
+    def submit_job(
+        self,
+        request: GenerationRequest,
+        webhook: str | None = None,
+        idempotency_key: str | None = None,
+        wait_s: int = 0,
+    ) -> dict:
         """Queue a job (the server needs FLUX_JOBS_REDIS_URL); `wait_s`: answer once done, up to that long."""
         headers = {"idempotency-key": idempotency_key} if idempotency_key else {}
         if wait_s:
@@ -71,8 +78,9 @@ class FluxClient:
 class FluxGrpcClient:
     """gRPC (flux.v1.TextToImage): raises grpc.RpcError with the status code and message."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", max_reply_mb: int = MAX_REPLY_MB,
-                 api_key: str | None = None) -> None:
+    def __init__(
+        self, target: str = "127.0.0.1:50051", max_reply_mb: int = MAX_REPLY_MB, api_key: str | None = None
+    ) -> None:
         self.channel = grpc.insecure_channel(target, options=message_limits(4, max_reply_mb))
         self.stub = services.TextToImageStub(self.channel)
         self.jobs = services.JobsStub(self.channel)
@@ -91,8 +99,9 @@ class FluxGrpcClient:
         return self.stub.GenerateStream(self.message(request), timeout=timeout_s, metadata=self.metadata)
 
     def submit_job(self, request: GenerationRequest, webhook: str = "", idempotency_key: str = ""):
-        message = messages.SubmitJobRequest(request=self.message(request), webhook=webhook,
-                                            idempotency_key=idempotency_key)
+        message = messages.SubmitJobRequest(
+            request=self.message(request), webhook=webhook, idempotency_key=idempotency_key
+        )
         return self.jobs.SubmitJob(message, metadata=self.metadata)
 
     def get_job(self, job_id: str):
@@ -128,8 +137,9 @@ def job_with_progress_bar(args, request: GenerationRequest) -> bytes:
             url, error = job.result_url, job.error
         else:
             client = FluxClient(args.url, api_key=args.api_key)
-            job = client.wait_job(client.submit_job(request)["id"],
-                                  on_progress=lambda step, total: progress.update(task, completed=step))
+            job = client.wait_job(
+                client.submit_job(request)["id"], on_progress=lambda step, total: progress.update(task, completed=step)
+            )
             url, error = (job["result"] or {}).get("url"), (job["error"] or {}).get("message")
     if not url:
         raise SystemExit(f"job failed: {error}")
@@ -145,8 +155,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--job", action="store_true", help="as an async job (the server needs a Redis)")
     parser.add_argument("--target", default="127.0.0.1:50051", help="gRPC host:port")
     parser.add_argument("--api-key", default=os.environ.get("FLUX_API_KEY"), help="bearer token (env FLUX_API_KEY)")
-    parser.add_argument("--lora", action="append", default=[], type=lora_weight, metavar="NAME[=SCALE]",
-                        help="a LoRA adapter of the stack (repeat for more, in order); SCALE defaults to 1")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=lora_weight,
+        metavar="NAME[=SCALE]",
+        help="a LoRA adapter of the stack (repeat for more, in order); SCALE defaults to 1",
+    )
     for name, field in GenerationRequest.model_fields.items():
         if name not in ("prompt", "loras"):
             kind = next(arg for arg in (*typing.get_args(field.annotation), field.annotation) if arg is not NoneType)

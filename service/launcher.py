@@ -43,8 +43,9 @@ def poll_ready(url: str, timeout_s: float, gone: Callable[[], str | None] = lamb
 def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
     """`poll_ready` for a `start_server` process; a failure carries its log's tail."""
     try:
-        poll_ready(url, timeout_s,
-                   lambda: None if process.poll() is None else f"server exited with {process.returncode}")
+        poll_ready(
+            url, timeout_s, lambda: None if process.poll() is None else f"server exited with {process.returncode}"
+        )
     except ServerFailed as error:
         raise ServerFailed(f"{error}:\n{_log_tail(log)}") from None
 
@@ -53,13 +54,20 @@ def serve_command(port: int, target: str = "service.service:Flux") -> list[str]:
     return [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
 
 
-def start_server(port: int, log: Path, env: dict[str, str] | None = None,
-                 target: str = "service.service:Flux") -> subprocess.Popen:
+def start_server(
+    port: int, log: Path, env: dict[str, str] | None = None, target: str = "service.service:Flux"
+) -> subprocess.Popen:
     """Launch `bentoml serve` (of the source, or of a built Bento's tag) in its own process group, logging to
     `log`; does not wait for readiness."""
     with log.open("wb") as log_stream:
-        return subprocess.Popen(serve_command(port, target), cwd=REPO, env={**os.environ, **(env or {})}, stdout=log_stream,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            serve_command(port, target),
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            stdout=log_stream,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 @contextmanager
@@ -104,8 +112,23 @@ class LocalRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 20) -> None:
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-                   "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no"]
+        command = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.folder),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+            "--protected-mode",
+            "no",
+        ]
         with (self.folder / "redis.log").open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
@@ -129,12 +152,22 @@ def local_s3(bucket: str) -> Iterator[dict[str, str]]:
     import boto3
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    variables = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    client = boto3.client("s3", endpoint_url=variables["AWS_ENDPOINT_URL"], aws_access_key_id="test",
-                          aws_secret_access_key="test", region_name="us-east-1")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    variables = {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    client = boto3.client(
+        "s3",
+        endpoint_url=variables["AWS_ENDPOINT_URL"],
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        region_name="us-east-1",
+    )
     try:
         for _ in range(200):
             try:

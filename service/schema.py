@@ -27,9 +27,16 @@ class LoraWeight(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$",
-                               description="adapter in the model store (`python -m quantize lora add`), "
-                               "NAME or NAME:VERSION; /info lists them")]
+    name: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=200,
+            pattern=r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$",
+            description="adapter in the model store (`python -m quantize lora add`), "
+            "NAME or NAME:VERSION; /info lists them",
+        ),
+    ]
     scale: Annotated[float, Field(ge=-4.0, le=4.0, description="strength: multiplies the adapter's update")] = 1.0
 
 
@@ -37,18 +44,44 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt field ("sede") is refused, not ignored
 
     prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw")]
-    width: Annotated[int, Field(ge=64, le=2048, multiple_of=16, description="Pixels, a multiple of 16; the "
-                                "deployment's largest side is on /info")] = 1024
+    width: Annotated[
+        int,
+        Field(
+            ge=64,
+            le=2048,
+            multiple_of=16,
+            description="Pixels, a multiple of 16; the deployment's largest side is on /info",
+        ),
+    ] = 1024
     height: Annotated[int, Field(ge=64, le=2048, multiple_of=16, description="Pixels, a multiple of 16")] = 1024
-    steps: Annotated[int | None, Field(ge=1, le=100, description="Denoising steps; unset: the served model's "
-                                       "default (FLUX.1-dev 28, at most 100; FLUX.1-schnell 4, at most 12; /info)")] = None
-    guidance: Annotated[float | None, Field(ge=0.0, le=20.0, description="Distilled guidance scale, FLUX.1-dev only "
-                                            "(unset: 3.5); FLUX.1-schnell has none: leave it unset or 0")] = None
+    steps: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=100,
+            description="Denoising steps; unset: the served model's "
+            "default (FLUX.1-dev 28, at most 100; FLUX.1-schnell 4, at most 12; /info)",
+        ),
+    ] = None
+    guidance: Annotated[
+        float | None,
+        Field(
+            ge=0.0,
+            le=20.0,
+            description="Distilled guidance scale, FLUX.1-dev only "
+            "(unset: 3.5); FLUX.1-schnell has none: leave it unset or 0",
+        ),
+    ] = None
     seed: Annotated[int, Field(ge=0, lt=2**63, description="Same seed, same image, alone or in a batch")] = 0
     format: Annotated[ImageFormat, Field(description="Encoding of the returned image")] = ImageFormat.png
     quality: Annotated[int, Field(ge=1, le=100, description="JPEG/WebP quality (ignored for PNG)")] = 90
-    loras: Annotated[list[LoraWeight], Field(max_length=MAX_LORAS, description="LoRA adapters applied together, in "
-                                             "order; requests with different stacks share batches")] = []
+    loras: Annotated[
+        list[LoraWeight],
+        Field(
+            max_length=MAX_LORAS,
+            description="LoRA adapters applied together, in order; requests with different stacks share batches",
+        ),
+    ] = []
 
     @field_validator("prompt")
     @classmethod
@@ -79,8 +112,11 @@ class WorkItem(GenerationRequest):
 
 def with_defaults(item: WorkItem, variant: Variant) -> WorkItem:
     """The item with the variant's steps and guidance where it left them unset."""
-    unset = {field: default for field, default in (("steps", variant.steps), ("guidance", variant.guidance))
-             if getattr(item, field) is None}
+    unset = {
+        field: default
+        for field, default in (("steps", variant.steps), ("guidance", variant.guidance))
+        if getattr(item, field) is None
+    }
     return item.model_copy(update=unset) if unset else item
 
 
@@ -116,19 +152,30 @@ class Limits(BaseModel):
         side = max(item.side for item in items)
         batch = next(batch for bucket, batch in sorted(self.max_batch.items()) if bucket >= side)
         if len(items) > batch:
-            raise Refused("n", f"{len(items)} images at {items[0].width}x{items[0].height} in one call: this "
-                               f"deployment renders at most {batch} together at that size")
+            raise Refused(
+                "n",
+                f"{len(items)} images at {items[0].width}x{items[0].height} in one call: this "
+                f"deployment renders at most {batch} together at that size",
+            )
 
     def check_variant(self, item: GenerationRequest) -> None:
         """FLUX.1-schnell: no guidance, at most 12 steps, prompts within its 256 T5 tokens."""
         variant = VARIANTS[self.variant]
         if item.guidance and not variant.takes_guidance:
-            raise Refused("guidance", f"FLUX.1-{variant.name} has no guidance embedding: leave guidance unset or 0 "
-                                      f"(got {item.guidance})")
+            raise Refused(
+                "guidance",
+                f"FLUX.1-{variant.name} has no guidance embedding: leave guidance unset or 0 (got {item.guidance})",
+            )
         if item.steps and item.steps > variant.max_steps:
-            raise Refused("steps", f"{item.steps} is more than FLUX.1-{variant.name} takes (at most "
-                                   f"{variant.max_steps}; default {variant.steps})")
+            raise Refused(
+                "steps",
+                f"{item.steps} is more than FLUX.1-{variant.name} takes (at most "
+                f"{variant.max_steps}; default {variant.steps})",
+            )
         max_chars = MAX_PROMPT_CHARS * variant.max_sequence_length // VARIANTS["dev"].max_sequence_length
         if len(item.prompt) > max_chars:
-            raise Refused("prompt", f"{len(item.prompt)} characters: FLUX.1-{variant.name} reads "
-                                    f"{variant.max_sequence_length} T5 tokens, so at most {max_chars} characters")
+            raise Refused(
+                "prompt",
+                f"{len(item.prompt)} characters: FLUX.1-{variant.name} reads "
+                f"{variant.max_sequence_length} T5 tokens, so at most {max_chars} characters",
+            )

@@ -20,11 +20,11 @@ from models.kernels import choose_dtype, kernel_note, refusal, runnable
 from models.lora import architecture_id
 from models.sizes import module_bytes
 from service.fronts.auth import BearerAuth
-from service.fronts.gateway import Gateway, Rejected
 from service.fronts.grpc_front import GrpcFront
 from service.fronts.grpc_jobs import Jobs
 from service.fronts.outcomes import http_status
 from service.fronts.v1 import app as v1_app
+from service.gateway import Gateway, Rejected
 from service.jobs.engine import JobEngine
 from service.jobs.results import ResultStore
 from service.observe import BATCHES, REQUEST_ID_HEADER, logger, new_request_id
@@ -35,6 +35,7 @@ from service.runtime.device import (
     device_and_budget,
     device_responds,
     hold_to_budget,
+    peak_memory,
 )
 from service.runtime.placement import Placement, PlanError, plan_placement
 from service.runtime.prompts import PromptCache
@@ -88,30 +89,40 @@ def check_card(artifact: bentoml.models.BentoModel, capability: tuple[int, int] 
     """Stop at start when this card cannot run the artifact's recipe, naming the recipes it can run."""
     recipe = read_manifest(Path(artifact.path)).recipe
     if (reason := refusal(recipe, capability, dtype)) is not None:
-        stop_server(f"{artifact.tag}: {reason}; recipes this card runs in {str(dtype).removeprefix('torch.')}: "
-                    f"{', '.join(runnable(capability, dtype))}")
+        stop_server(
+            f"{artifact.tag}: {reason}; recipes this card runs in {str(dtype).removeprefix('torch.')}: "
+            f"{', '.join(runnable(capability, dtype))}"
+        )
 
 
 def bucket_api(resolution: int):
     """The batching queue for requests whose larger side is at most `resolution` (and above the last)."""
+
     def generate(self, items: list[WorkItem]) -> list[Result]:
         with self.turns.turn(resolution):
             BATCHES.labels(protocols="+".join(sorted({item.protocol for item in items}))).inc()
             return self.renderer.render(items)
+
     generate.__name__ = generate.__qualname__ = f"generate_{resolution}"
-    return bentoml.api(generate, batchable=True, max_batch_size=SETTINGS.max_batch_size,
-                       max_latency_ms=SETTINGS.latency_ms(resolution))
+    return bentoml.api(
+        generate, batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.latency_ms(resolution)
+    )
 
 
 ARTIFACT = artifact_reference(SETTINGS.artifact)
-PACKED_LORAS = [artifact_reference(tag, "FLUX_LORAS") for tag in SETTINGS.loras]  # travel in the Bento beside the artifact
+PACKED_LORAS = [
+    artifact_reference(tag, "FLUX_LORAS") for tag in SETTINGS.loras
+]  # travel in the Bento beside the artifact
 
 
 # A thread per bucket's queue, so a waiting batch can be chosen by DeviceTurns (one runs at a time).
 # The front's client to this worker replaces its session every 100 calls or 300 s by default and closes the
 # calls still in flight on it: never, here (a local socket has nothing to refresh).
-@bentoml.service(traffic={"timeout": 900}, threads=len(RESOLUTION_BUCKETS),
-                 runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0**9})
+@bentoml.service(
+    traffic={"timeout": 900},
+    threads=len(RESOLUTION_BUCKETS),
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0**9},
+)
 class FluxWorker:
     """Loads one artifact, plans its placement, warms up, then renders batches."""
 
@@ -126,25 +137,39 @@ class FluxWorker:
         weights = {name: module_bytes(getattr(pipe, name)) for name in COMPONENTS}  # in the compute dtype
         lora_bytes = SETTINGS.lora_cache_mb * 2**20
         try:
-            self.plan = plan_placement(weights, budget, SETTINGS.max_resolution, SETTINGS.max_batch_size,
-                                       reserved_bytes=lora_bytes)
+            self.plan = plan_placement(
+                weights, budget, SETTINGS.max_resolution, SETTINGS.max_batch_size, reserved_bytes=lora_bytes
+            )
         except PlanError as error:
             stop_server(f"{self.artifact.tag}: {error}")
         logger.info("placement for %s: %s", self.artifact.tag, self.plan.describe())
         hold_to_budget(self.device, budget)
-        self.cache = PromptCache(self.manifest.hash_of("text_encoder", "text_encoder_2"),
-                                 SETTINGS.prompt_cache_mb * 1024**2)
+        self.cache = PromptCache(
+            self.manifest.hash_of("text_encoder", "text_encoder_2"), SETTINGS.prompt_cache_mb * 1024**2
+        )
         self.board = Board()
         self.turns = DeviceTurns({bucket: SETTINGS.latency_ms(bucket) / 1000 for bucket in RESOLUTION_BUCKETS})
-        self.architecture = architecture_id(json.loads((Path(self.artifact.path) / "transformer" / "config.json")
-                                                       .read_text()))
-        self.adapters = AdapterCache(partial(lora_folder, self.architecture), partial(lora_names, self.architecture),
-                                     lora_bytes, self.device, pipe.transformer.dtype)
+        self.architecture = architecture_id(
+            json.loads((Path(self.artifact.path) / "transformer" / "config.json").read_text())
+        )
+        self.adapters = AdapterCache(
+            partial(lora_folder, self.architecture),
+            partial(lora_names, self.architecture),
+            lora_bytes,
+            self.device,
+            pipe.transformer.dtype,
+        )
         self.renderer = Renderer(pipe, Placement(self.plan, self.device), self.cache, self.board, self.adapters)
         side = min(SETTINGS.warmup_size, SETTINGS.max_resolution)
         self.renderer.render([WorkItem(prompt="warm-up", width=side, height=side, steps=SETTINGS.warmup_steps)])
-        logger.info("serving %s (%s, %s, %s: %s)", self.artifact.tag, self.manifest.recipe, self.device,
-                    str(self.dtype).removeprefix("torch."), self.kernels)
+        logger.info(
+            "serving %s (%s, %s, %s: %s)",
+            self.artifact.tag,
+            self.manifest.recipe,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            self.kernels,
+        )
 
     @property
     def kernels(self) -> str:
@@ -171,20 +196,43 @@ class FluxWorker:
     @bentoml.api
     async def info(self) -> dict:
         """Async, so it answers while a batch runs in the worker's thread."""
-        cache = {"entries": len(self.cache.entries), "bytes": self.cache.bytes, "hits": self.cache.hits,
-                 "misses": self.cache.misses}
-        loras = {"architecture": self.architecture, "available": lora_names(self.architecture),
-                 "cached": len(self.adapters.entries), "cache_bytes": self.adapters.bytes,
-                 "cache_limit_bytes": self.adapters.max_bytes}
+        cache = {
+            "entries": len(self.cache.entries),
+            "bytes": self.cache.bytes,
+            "hits": self.cache.hits,
+            "misses": self.cache.misses,
+        }
+        loras = {
+            "architecture": self.architecture,
+            "available": lora_names(self.architecture),
+            "cached": len(self.adapters.entries),
+            "cache_bytes": self.adapters.bytes,
+            "cache_limit_bytes": self.adapters.max_bytes,
+        }
         variant = VARIANTS[self.manifest.variant]
-        card = {"capability": ".".join(map(str, self.capability)) if self.capability else None,
-                "compute_dtype": str(self.dtype).removeprefix("torch."), "kernels": self.kernels}
-        return {"artifact": str(self.artifact.tag), "device": str(self.device), "card": card,
-                "placement": self.plan.describe(),
-                "max_side": SETTINGS.max_resolution, "prompt_cache": cache, "loras": loras,
-                "defaults": {"steps": variant.steps, "guidance": variant.guidance, "max_steps": variant.max_steps,
-                             "takes_guidance": variant.takes_guidance, "t5_tokens": variant.max_sequence_length},
-                **self.manifest.model_dump(exclude={"files"})}
+        card = {
+            "capability": ".".join(map(str, self.capability)) if self.capability else None,
+            "compute_dtype": str(self.dtype).removeprefix("torch."),
+            "kernels": self.kernels,
+            "peak_memory_bytes": peak_memory(self.device),
+        }
+        return {
+            "artifact": str(self.artifact.tag),
+            "device": str(self.device),
+            "card": card,
+            "placement": self.plan.describe(),
+            "max_side": SETTINGS.max_resolution,
+            "prompt_cache": cache,
+            "loras": loras,
+            "defaults": {
+                "steps": variant.steps,
+                "guidance": variant.guidance,
+                "max_steps": variant.max_steps,
+                "takes_guidance": variant.takes_guidance,
+                "t5_tokens": variant.max_sequence_length,
+            },
+            **self.manifest.model_dump(exclude={"files"}),
+        }
 
 
 def http_answer(ctx: bentoml.Context, outcome: str, message: str, rid: str, field: str | None = None) -> JSONResponse:
@@ -206,8 +254,11 @@ class Flux:
     async def start(self) -> None:
         self.gateway = Gateway(self.worker)
         self.model = ARTIFACT.stored
-        self.results = ResultStore(SETTINGS.results_url, SETTINGS.results_endpoint_url,
-                                   SETTINGS.results_url_ttl_s) if SETTINGS.results_url else None
+        self.results = (
+            ResultStore(SETTINGS.results_url, SETTINGS.results_endpoint_url, SETTINGS.results_url_ttl_s)
+            if SETTINGS.results_url
+            else None
+        )
         self.jobs = JobEngine(SETTINGS, self.gateway, self.results) if SETTINGS.jobs_redis_url else None
         self.grpc = GrpcFront(self.gateway, SETTINGS, API_KEYS, Jobs(self.jobs) if self.jobs else None)
         await self.grpc.start()

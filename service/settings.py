@@ -19,7 +19,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, le=64, description="largest batch any queue forms (the plan may lower it)")
     max_latency_ms: dict[int, int] = Field(
         {512: 15_000, 768: 30_000, 1024: 60_000, 1536: 120_000, 2048: 240_000},
-        description="per resolution bucket: how long a request may wait in its queue (about 2x a full batch)")
+        description="per resolution bucket: how long a request may wait in its queue (about 2x a full batch)",
+    )
     max_in_flight: int = Field(64, ge=1, description="calls per front process, HTTP and gRPC each")
     grpc_address: str = Field("0.0.0.0:50051", description="where the gRPC front listens")
     grpc_max_send_mb: int = Field(64, ge=4, description="largest gRPC reply (a 2048² PNG is ~10 MB)")
@@ -29,18 +30,24 @@ class Settings(BaseSettings):
     warmup_steps: int = Field(1, ge=1)
     gpu_memory_gb: float | None = Field(None, gt=0, description="memory budget; default: the whole device")
     compute_dtype: Literal["auto", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bf16 on a CPU and on sm80+ GPUs, float16 on older ones (T4, V100)")
+        "auto", description="auto: bf16 on a CPU and on sm80+ GPUs, float16 on older ones (T4, V100)"
+    )
     device_capability: str | None = Field(
-        None, pattern=r"^\d+\.\d$", description="take the GPU (or the CPU) for a card of this CUDA compute "
-        "capability, e.g. 7.5 for a T4: its compute dtype and kernel checks, to try a plan for a card you lack")
+        None,
+        pattern=r"^\d+\.\d$",
+        description="take the GPU (or the CPU) for a card of this CUDA compute "
+        "capability, e.g. 7.5 for a T4: its compute dtype and kernel checks, to try a plan for a card you lack",
+    )
     max_resolution: int = Field(2048, ge=64, le=RESOLUTION_BUCKETS[-1], description="largest side the plan must fit")
     prompt_cache_mb: int = Field(1024, ge=0, description="cached prompt embeddings, host memory")
     lora_cache_mb: int = Field(512, ge=0, description="LoRA adapters kept in device memory (the plan reserves it)")
     loras: Annotated[tuple[str, ...], NoDecode] = Field(
-        (), description="adapter tags packed into the Bento at build, comma-separated (any stored adapter serves)")
+        (), description="adapter tags packed into the Bento at build, comma-separated (any stored adapter serves)"
+    )
     liveness_timeout_s: float = Field(10, gt=0, description="a device check slower than this fails /livez")
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
-        (), description="bearer tokens the APIs accept, comma-separated; none here or in the file: no auth")
+        (), description="bearer tokens the APIs accept, comma-separated; none here or in the file: no auth"
+    )
     api_keys_file: FilePath | None = Field(None, description="more tokens, one per line (a mounted Secret)")
     jobs_redis_url: RedisDsn | None = Field(None, description="Redis of the job queue; unset: no jobs API")
     jobs_stream: str = Field("flux:jobs", min_length=1, description="the Redis Stream every replica pulls from")
@@ -52,7 +59,8 @@ class Settings(BaseSettings):
     results_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2, GCS)")
     results_url_ttl_s: int = Field(3600, ge=60, le=7 * 86_400, description="presigned result URLs expire after")
     webhook_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
-        (), description="hosts or IP networks webhooks may be sent to, comma-separated; none: no webhooks")
+        (), description="hosts or IP networks webhooks may be sent to, comma-separated; none: no webhooks"
+    )
     webhook_secret: str | None = Field(None, min_length=16, description="HMAC-SHA256 key that signs webhooks")
     webhook_attempts: int = Field(5, ge=1, le=20, description="deliveries tried before a webhook is given up")
     webhook_backoff_s: float = Field(1.0, gt=0, description="wait before the 2nd attempt; doubles after each")
@@ -94,6 +102,7 @@ def settings() -> Settings:
     try:
         return Settings()
     except ValidationError as error:
-        problems = "; ".join(f"FLUX_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"] else e["msg"]
-                             for e in error.errors())
+        problems = "; ".join(
+            f"FLUX_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"] else e["msg"] for e in error.errors()
+        )
         raise SettingsError(f"invalid configuration: {problems}") from None

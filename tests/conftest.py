@@ -10,6 +10,9 @@ from pathlib import Path
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="flux-tests-bentoml-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+# One compute thread per process, the servers and subprocesses the tests start included: two pytest workers
+# on two cores, each with torch's spinning OpenMP threads and a server's, made every render several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -22,10 +25,27 @@ from service.launcher import free_port  # noqa: E402,F401 - tests import it from
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Tests that build or read `medium` (real FLUX.1-dev layer widths, ~2 GB) need minutes each: `make test-all`.
+HEAVY_FIXTURES = {"medium_source", "single_file"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses a heavy fixture, directly or through another fixture, `slow`."""
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def run_module(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m ...` from the repo root, as a user would."""
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=900,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +66,15 @@ def tiny_tag(tiny_source):
 
     def quantize(recipe: str) -> str:
         if recipe not in tags:
-            result = run_module("quantize", str(tiny_source), "--recipe", recipe, "--validation-size", "64",
-                                *TINY_OPTIONS.get(recipe, []))
+            result = run_module(
+                "quantize",
+                str(tiny_source),
+                "--recipe",
+                recipe,
+                "--validation-size",
+                "64",
+                *TINY_OPTIONS.get(recipe, []),
+            )
             assert result.returncode == 0, result.stderr
             tags[recipe] = result.stdout.strip().splitlines()[-1]
         return tags[recipe]
@@ -78,8 +105,10 @@ def single_file(tmp_path_factory) -> Path:
     """A medium-sized (1 + 1 blocks, real widths) transformer in the single-file layout, random weights."""
     generator = torch.Generator().manual_seed(0)
     shapes = original_layout_shapes(PRESETS["medium"].transformer_config())
-    tensors = {f"model.diffusion_model.{name}": torch.randn(shape, generator=generator).to(torch.bfloat16)
-               for name, shape in shapes.items()}
+    tensors = {
+        f"model.diffusion_model.{name}": torch.randn(shape, generator=generator).to(torch.bfloat16)
+        for name, shape in shapes.items()
+    }
     path = tmp_path_factory.mktemp("single") / "flux1-medium.safetensors"
     save_file(tensors, path)
     return path

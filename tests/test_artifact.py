@@ -18,11 +18,15 @@ from quantize.stream import write_component
 def transformer_inputs(config, tokens: int = 64, text: int = 32) -> dict:
     generator = torch.Generator().manual_seed(0)
     randn = lambda *shape: torch.randn(*shape, generator=generator).to(torch.bfloat16)  # noqa: E731
-    return dict(hidden_states=randn(1, tokens, config.in_channels),
-                encoder_hidden_states=randn(1, text, config.joint_attention_dim),
-                pooled_projections=randn(1, config.pooled_projection_dim),
-                timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
-                img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(text, 3))
+    return dict(
+        hidden_states=randn(1, tokens, config.in_channels),
+        encoder_hidden_states=randn(1, text, config.joint_attention_dim),
+        pooled_projections=randn(1, config.pooled_projection_dim),
+        timestep=torch.tensor([0.5]),
+        guidance=torch.tensor([3.5]),
+        img_ids=torch.zeros(tokens, 3),
+        txt_ids=torch.zeros(text, 3),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +34,9 @@ def medium_source(tmp_path_factory) -> Source:
     """A diffusers-layout folder holding the medium transformer (real FLUX.1-dev shapes) in several shards."""
     folder = tmp_path_factory.mktemp("medium")
     torch.manual_seed(0)
-    build_module("medium", "transformer").to(torch.bfloat16).save_pretrained(folder / "transformer",
-                                                                             max_shard_size="400MB")
+    build_module("medium", "transformer").to(torch.bfloat16).save_pretrained(
+        folder / "transformer", max_shard_size="400MB"
+    )
     return Source(id=str(folder), revision="test", path=folder)
 
 
@@ -69,8 +74,9 @@ def test_int4_group_size_is_recorded_and_layers_that_do_not_fit_stay_bf16(medium
 
 def render(pipe, seed: int = 3) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a red fox", height=64, width=64, num_inference_steps=2,
-                 generator=torch.Generator().manual_seed(seed)).images[0]
+    image = pipe(
+        "a red fox", height=64, width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(seed)
+    ).images[0]
     return np.asarray(image)
 
 
@@ -82,8 +88,10 @@ def test_every_recipe_round_trips_a_pipeline_to_the_same_image(recipe, tiny_tag)
     loaded, manifest = load_pipeline(bentoml.models.get(tiny_tag(recipe)).path)
     assert manifest.components["transformer"].quantization["weights"] == RECIPES[recipe].weights
     before_save = build_pipeline("tiny")  # the same weights the source folder holds
-    apply_recipe(before_save, RECIPES[manifest.recipe].tailored(None, {}, manifest.components["transformer"]
-                                                                .quantization["group_size"]))
+    apply_recipe(
+        before_save,
+        RECIPES[manifest.recipe].tailored(None, {}, manifest.components["transformer"].quantization["group_size"]),
+    )
     assert np.array_equal(render(before_save), render(loaded))
 
 
@@ -111,25 +119,36 @@ def test_truncated_and_missing_files_are_named(artifact_copy):
     with pytest.raises(ArtifactError, match="text_encoder_2/model-00001.safetensors"):
         load_pipeline(artifact_copy)
     weights.unlink()
-    with pytest.raises(ArtifactError, match="text_encoder_2/model-00001.safetensors: listed in the manifest but missing"):
+    with pytest.raises(
+        ArtifactError, match="text_encoder_2/model-00001.safetensors: listed in the manifest but missing"
+    ):
         load_pipeline(artifact_copy)
 
 
 def test_shards_read_back_as_aligned_views_and_a_bad_header_is_named(tmp_path):
     """Whole-sized tensors are read as views of their shard's buffer; odd-sized ones (which would misalign
     what follows them) are written to a shard of their own and copied into aligned memory on load."""
-    written = {"a": torch.arange(3, dtype=torch.int8), "b": torch.randn(5).to(torch.bfloat16),
-               "c": torch.randn(2, 3), "d": torch.ones((), dtype=torch.int64),
-               "w": torch.randn(64, 16).to(torch.bfloat16), "q": torch.ones(128, 4, dtype=torch.int8)}
+    written = {
+        "a": torch.arange(3, dtype=torch.int8),
+        "b": torch.randn(5).to(torch.bfloat16),
+        "c": torch.randn(2, 3),
+        "d": torch.ones((), dtype=torch.int64),
+        "w": torch.randn(64, 16).to(torch.bfloat16),
+        "q": torch.ones(128, 4, dtype=torch.int8),
+    }
     writer = ShardWriter(tmp_path)
     writer.add(written)
     writer.close()
     read = read_shards(tmp_path)
-    assert set(read) == set(written) and all(torch.equal(read[k], v) and read[k].dtype == v.dtype
-                                             for k, v in written.items())
+    assert set(read) == set(written) and all(
+        torch.equal(read[k], v) and read[k].dtype == v.dtype for k, v in written.items()
+    )
     assert all(tensor.data_ptr() % 16 == 0 for tensor in read.values())
     assert read["w"].untyped_storage().data_ptr() == read["q"].untyped_storage().data_ptr()  # one buffer, no copy
-    assert json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]["w"] == "model-00001.safetensors"
+    assert (
+        json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]["w"]
+        == "model-00001.safetensors"
+    )
     shard = tmp_path / "model-00001.safetensors"
     data = bytearray(shard.read_bytes())
     data[8:10] = b"[["  # the JSON header
@@ -154,7 +173,9 @@ def test_older_schema_and_unknown_files_are_refused(artifact_copy):
     (artifact_copy / "transformer" / "stray.safetensors").unlink()
     manifest_path = artifact_copy / "manifest.json"
     manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "schema_version": 1}))
-    with pytest.raises(ArtifactError, match="schema version 1 is older than this reader .* quantize the checkpoint again"):
+    with pytest.raises(
+        ArtifactError, match="schema version 1 is older than this reader .* quantize the checkpoint again"
+    ):
         load_pipeline(artifact_copy)
 
 
@@ -195,10 +216,16 @@ def test_recipe_mismatch_names_the_quantization_map(artifact_copy):
         load_pipeline(artifact_copy)
 
 
-@pytest.mark.parametrize("backend, message", [
-    ("torchao", "manifest.json: backend 'torchao' is not one this reader loads"),
-    ("bitsandbytes", "manifest.json: text_encoder_2 was quantized with quanto, the recipe.s backend is bitsandbytes"),
-])
+@pytest.mark.parametrize(
+    "backend, message",
+    [
+        ("torchao", "manifest.json: backend 'torchao' is not one this reader loads"),
+        (
+            "bitsandbytes",
+            "manifest.json: text_encoder_2 was quantized with quanto, the recipe.s backend is bitsandbytes",
+        ),
+    ],
+)
 def test_unknown_or_mismatched_backend_is_refused(artifact_copy, backend, message):
     manifest_path = artifact_copy / "manifest.json"
     manifest = json.loads(manifest_path.read_text())

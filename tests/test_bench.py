@@ -8,12 +8,10 @@ import pytest
 from bench.report import LevelResult, batch_histogram, batches_between, percentile, usd_per_image
 from tests.conftest import free_port, run_module
 
-METRICS = """# HELP bentoml_service_adaptive_batch_size Batch size
-bentoml_service_adaptive_batch_size_bucket{le="1.0",method_name="generate_512",runner_name="FluxWorker",worker_index="1"} %d
-bentoml_service_adaptive_batch_size_bucket{le="2.0",method_name="generate_512",runner_name="FluxWorker",worker_index="1"} %d
-bentoml_service_adaptive_batch_size_bucket{le="4.0",method_name="generate_512",runner_name="FluxWorker",worker_index="1"} %d
-bentoml_service_adaptive_batch_size_bucket{le="+Inf",method_name="generate_512",runner_name="FluxWorker",worker_index="1"} %d
-"""
+LABELS = 'method_name="generate_512",runner_name="FluxWorker",worker_index="1"'
+METRICS = "# HELP bentoml_service_adaptive_batch_size Batch size\n" + "".join(
+    f'bentoml_service_adaptive_batch_size_bucket{{le="{le}",{LABELS}}} %d\n' for le in ("1.0", "2.0", "4.0", "+Inf")
+)
 
 
 def test_percentiles_interpolate_linearly():
@@ -39,8 +37,9 @@ def test_batch_histogram_difference_between_scrapes():
 
 
 def test_level_summary():
-    level = LevelResult("http", 4, wall_s=2.0, latencies_s=[0.1, 0.2, 0.3, 0.4], statuses={"200": 4, "503": 1},
-                        batches={"<=4": 1})
+    level = LevelResult(
+        "http", 4, wall_s=2.0, latencies_s=[0.1, 0.2, 0.3, 0.4], statuses={"200": 4, "503": 1}, batches={"<=4": 1}
+    )
     summary = level.summary(gpu_usd_per_hour=7.2)
     assert summary["images_per_s"] == 2.0 and summary["ok"] == 4
     assert summary["errors_by_status"] == {"503": 1}
@@ -59,17 +58,42 @@ def test_fails_clearly_when_the_server_is_not_reachable(tmp_path):
 def test_run_against_a_tiny_server_writes_json_and_png(tiny_int8_tag, tmp_path):
     mix = tmp_path / "mix.json"  # small shapes: bf16 convolutions are slow on CPUs without avx512_bf16
     mix.write_text(json.dumps([{"width": 64, "height": 64, "steps": 2}, {"width": 128, "height": 128, "steps": 2}]))
-    result = run_module("bench", "--serve", tiny_int8_tag, "--url", f"http://127.0.0.1:{free_port()}",
-                        "--grpc-target", f"127.0.0.1:{free_port()}", "--concurrency", "1,4", "--requests", "8",
-                        "--overhead-requests", "2", "--overhead-size", "128", "--mix", str(mix), "--out", str(tmp_path))
+    result = run_module(
+        "bench",
+        "--serve",
+        tiny_int8_tag,
+        "--url",
+        f"http://127.0.0.1:{free_port()}",
+        "--grpc-target",
+        f"127.0.0.1:{free_port()}",
+        "--concurrency",
+        "1,4",
+        "--requests",
+        "8",
+        "--overhead-requests",
+        "2",
+        "--overhead-size",
+        "128",
+        "--mix",
+        str(mix),
+        "--out",
+        str(tmp_path),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     assert [(level["protocol"], level["concurrency"]) for level in report["levels"]] == [
-        ("http", 1), ("http", 4), ("grpc", 1), ("grpc", 4)]
+        ("http", 1),
+        ("http", 4),
+        ("grpc", 1),
+        ("grpc", 4),
+    ]
     assert all(level["ok"] == 8 and not level["errors_by_status"] for level in report["levels"])
     overhead = report["overhead"]
     assert overhead["width"] == overhead["height"] == 128 and overhead["requests"] == 2
-    assert overhead["ratio"] > 0 and overhead["served_median_s"] - overhead["in_process_median_s"] == overhead["overhead_s"]
+    assert (
+        overhead["ratio"] > 0
+        and overhead["served_median_s"] - overhead["in_process_median_s"] == overhead["overhead_s"]
+    )
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "serving overhead" in result.stdout
 

@@ -29,8 +29,11 @@ PODMAN = ["podman", "--runtime", "runc"]
 # This machine's sandbox refuses podman's default rlimits (nofile and nproc above the host's): the host's own.
 NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 LIMITS = ["--ulimit", f"nofile={NOFILE}:{NOFILE}", "--ulimit", "nproc=32768:32768"]
-IMAGES = json.loads((REPO / "build/container/images.json").read_text()) if (
-    REPO / "build/container/images.json").exists() else {}
+IMAGES = (
+    json.loads((REPO / "build/container/images.json").read_text())
+    if (REPO / "build/container/images.json").exists()
+    else {}
+)
 SLOW = GenerationRequest(prompt="in flight", width=1024, height=1024, steps=24)
 
 
@@ -46,18 +49,38 @@ def manifest_env(spec: dict, **overrides: str) -> dict[str, str]:
 class Running:
     """`podman run` of an image as the pod runs it; host network, so ports are the host's."""
 
-    def __init__(self, image: str, pod: dict, main: dict, env: dict[str, str], volumes: dict[str, Path],
-                 name: str) -> None:
+    def __init__(
+        self, image: str, pod: dict, main: dict, env: dict[str, str], volumes: dict[str, Path], name: str
+    ) -> None:
         user = pod["securityContext"]
         mounts = [arg for mount in main["volumeMounts"] for arg in self._mount(mount, volumes)]
         assert main["securityContext"]["readOnlyRootFilesystem"] is True
         self.name, self.started = name, time.monotonic()
         subprocess.run([*PODMAN, "rm", "-f", name], capture_output=True)
-        subprocess.run([*PODMAN, "run", *LIMITS, "-d", "--name", name, "--network", "host", "--read-only",
-                        "--user", f"{user['runAsUser']}:{user['runAsGroup']}", "--cap-drop", "ALL",
-                        "--security-opt", "no-new-privileges", *mounts,
-                        *[arg for key, value in env.items() for arg in ("-e", f"{key}={value}")], image],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                *PODMAN,
+                "run",
+                *LIMITS,
+                "-d",
+                "--name",
+                name,
+                "--network",
+                "host",
+                "--read-only",
+                "--user",
+                f"{user['runAsUser']}:{user['runAsGroup']}",
+                "--cap-drop",
+                "ALL",
+                "--security-opt",
+                "no-new-privileges",
+                *mounts,
+                *[arg for key, value in env.items() for arg in ("-e", f"{key}={value}")],
+                image,
+            ],
+            check=True,
+            capture_output=True,
+        )
 
     @staticmethod
     def _mount(mount: dict, volumes: dict[str, Path]) -> list[str]:
@@ -75,12 +98,16 @@ class Running:
         return time.monotonic() - self.started
 
     def state(self) -> str:
-        return subprocess.run([*PODMAN, "inspect", "-f", "{{.State.Status}}", self.name], capture_output=True,
-                              text=True).stdout.strip()
+        return subprocess.run(
+            [*PODMAN, "inspect", "-f", "{{.State.Status}}", self.name], capture_output=True, text=True
+        ).stdout.strip()
 
     def exit_code(self) -> int:
-        return int(subprocess.run([*PODMAN, "inspect", "-f", "{{.State.ExitCode}}", self.name], capture_output=True,
-                                  text=True).stdout.strip())
+        return int(
+            subprocess.run(
+                [*PODMAN, "inspect", "-f", "{{.State.ExitCode}}", self.name], capture_output=True, text=True
+            ).stdout.strip()
+        )
 
     def logs(self) -> str:
         return subprocess.run([*PODMAN, "logs", self.name], capture_output=True, text=True).stdout[-4000:]
@@ -91,16 +118,17 @@ class Running:
 
 def serve_env(main: dict, artifact: str, port: int, grpc_port: int, **extra: str) -> dict[str, str]:
     """The Deployment's variables; the artifact is the tiny one, ports are free host ports (host network)."""
-    return manifest_env(main, FLUX_ARTIFACT=artifact, FLUX_GRPC_ADDRESS=f"0.0.0.0:{grpc_port}", PORT=str(port),
-                        **extra)
+    return manifest_env(main, FLUX_ARTIFACT=artifact, FLUX_GRPC_ADDRESS=f"0.0.0.0:{grpc_port}", PORT=str(port), **extra)
 
 
 def check_serves(url: str, grpc_target: str) -> None:
-    answer = httpx.post(f"{url}/txt2img", json={"prompt": "a container", "width": 256, "height": 256, "steps": 2},
-                        timeout=120)
+    answer = httpx.post(
+        f"{url}/txt2img", json={"prompt": "a container", "width": 256, "height": 256, "steps": 2}, timeout=120
+    )
     assert answer.status_code == 200 and answer.content[:4] == b"\x89PNG", answer.text[:500]
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(grpc_target)).Check(
-        health_pb2.HealthCheckRequest(service="flux.v1.TextToImage"), timeout=10)
+        health_pb2.HealthCheckRequest(service="flux.v1.TextToImage"), timeout=10
+    )
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     reply = FluxGrpcClient(grpc_target).generate(GenerationRequest(prompt="over grpc", width=256, height=256, steps=2))
     assert Image.open(io.BytesIO(reply.image)).format == "PNG"
@@ -130,10 +158,12 @@ def tiny_artifact() -> str:
 def test_the_deployments_user_is_the_images_user():
     pod, _ = pod_spec("baked")
     for image in (IMAGES["baked"], IMAGES["slim"]):
-        user = subprocess.run([*PODMAN, "image", "inspect", "-f", "{{.Config.User}}", image], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        ids = subprocess.run([*PODMAN, "run", *LIMITS, "--rm", "--entrypoint", "id", image], capture_output=True,
-                             text=True, check=True).stdout
+        user = subprocess.run(
+            [*PODMAN, "image", "inspect", "-f", "{{.Config.User}}", image], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        ids = subprocess.run(
+            [*PODMAN, "run", *LIMITS, "--rm", "--entrypoint", "id", image], capture_output=True, text=True, check=True
+        ).stdout
         assert f"uid={pod['securityContext']['runAsUser']}({user})" in ids, ids
         assert f"gid={pod['securityContext']['runAsGroup']}({user})" in ids, ids
 
@@ -160,21 +190,41 @@ def test_slim_image_serves_the_artifact_its_init_container_imported_from_s3(tiny
     os.chown(store, pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"])
     with local_s3("flux-artifacts") as aws:
         url = "s3://flux-artifacts/flux-tiny-int8.tar"
-        exported = run_module("bentoml", "models", "export", tiny_artifact, url,
-                              env={**aws, "BENTOML_HOME": IMAGES["bentoml_home"]})  # the store `make container` used
+        exported = run_module(
+            "bentoml", "models", "export", tiny_artifact, url, env={**aws, "BENTOML_HOME": IMAGES["bentoml_home"]}
+        )  # the store `make container` used
         assert exported.returncode == 0, exported.stderr
         command = [arg.replace("$(ARTIFACT_URL)", url) for arg in init["command"] + init["args"]]
         init_env = manifest_env(init, ARTIFACT_URL=url) | aws
         mounts = [arg for mount in init["volumeMounts"] for arg in Running._mount(mount, {"model-store": store})]
         imported = subprocess.run(
-            [*PODMAN, "run", *LIMITS, "--rm", "--network", "host", "--read-only", "--cap-drop", "ALL",
-             "--user", f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}", *mounts,
-             *[arg for key, value in init_env.items() for arg in ("-e", f"{key}={value}")],
-             "--entrypoint", command[0], IMAGES["slim"], *command[1:]], capture_output=True, text=True)
+            [
+                *PODMAN,
+                "run",
+                *LIMITS,
+                "--rm",
+                "--network",
+                "host",
+                "--read-only",
+                "--cap-drop",
+                "ALL",
+                "--user",
+                f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}",
+                *mounts,
+                *[arg for key, value in init_env.items() for arg in ("-e", f"{key}={value}")],
+                "--entrypoint",
+                command[0],
+                IMAGES["slim"],
+                *command[1:],
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert imported.returncode == 0, imported.stderr[-3000:]
     port, grpc_port = free_port(), free_port()
-    running = Running(IMAGES["slim"], pod, main, serve_env(main, tiny_artifact, port, grpc_port),
-                      {"model-store": store}, "flux-slim")
+    running = Running(
+        IMAGES["slim"], pod, main, serve_env(main, tiny_artifact, port, grpc_port), {"model-store": store}, "flux-slim"
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         print(f"slim: podman run -> /readyz {running.wait_ready(url):.1f} s")
@@ -190,12 +240,20 @@ def test_prometheus_answers_the_keda_query_with_the_requests_in_flight(tiny_arti
     running = Running(IMAGES["baked"], pod, main, serve_env(main, tiny_artifact, port, grpc_port), {}, "flux-keda")
     url = f"http://127.0.0.1:{port}"
     config = tmp_path / "prometheus.yml"
-    config.write_text(f"global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: flux-serve\n"
-                      f"    static_configs: [{{targets: ['127.0.0.1:{port}']}}]\n")
-    prometheus = subprocess.Popen([shutil.which("prometheus") or "/usr/bin/prometheus", f"--config.file={config}",
-                                   f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                   f"--web.listen-address=127.0.0.1:{prometheus_port}"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    config.write_text(
+        f"global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: flux-serve\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{port}']}}]\n"
+    )
+    prometheus = subprocess.Popen(
+        [
+            shutil.which("prometheus") or "/usr/bin/prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prometheus_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def ask() -> float | None:
         answer = httpx.get(f"http://127.0.0.1:{prometheus_port}/api/v1/query", params={"query": query}).json()
@@ -218,9 +276,11 @@ def test_prometheus_answers_the_keda_query_with_the_requests_in_flight(tiny_arti
         running.wait_ready(url)
         assert settle(0) == 0
         with ThreadPoolExecutor(3) as pool:
-            calls = [pool.submit(httpx.post, f"{url}/txt2img", json=SLOW.model_dump(mode="json"), timeout=300),
-                     pool.submit(httpx.post, f"{url}/txt2img", json=SLOW.model_dump(mode="json"), timeout=300),
-                     pool.submit(FluxGrpcClient(f"127.0.0.1:{grpc_port}").generate, SLOW)]
+            calls = [
+                pool.submit(httpx.post, f"{url}/txt2img", json=SLOW.model_dump(mode="json"), timeout=300),
+                pool.submit(httpx.post, f"{url}/txt2img", json=SLOW.model_dump(mode="json"), timeout=300),
+                pool.submit(FluxGrpcClient(f"127.0.0.1:{grpc_port}").generate, SLOW),
+            ]
             assert settle(3) == 3  # two HTTP + one gRPC, each once
             assert not all(call.done() for call in calls)
             assert [call.result().status_code for call in calls[:2]] == [200, 200] and calls[2].result().image
@@ -229,4 +289,3 @@ def test_prometheus_answers_the_keda_query_with_the_requests_in_flight(tiny_arti
         prometheus.terminate()
         prometheus.wait()
         running.remove()
-

@@ -3,11 +3,11 @@
 import json
 import os
 import re
-import time
-from concurrent.futures import ThreadPoolExecutor
 import subprocess
 import sys
 import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import kubernetes_validate
@@ -27,8 +27,12 @@ OPTIONAL_CUSTOM_RESOURCES = {("keda.sh/v1alpha1", "TriggerAuthentication")}
 
 
 def render(overlay: str) -> list[dict]:
-    rendered = subprocess.run(["kubectl", "kustomize", str(REPO / "deploy/k8s/overlays" / overlay)],
-                              capture_output=True, text=True, check=True)
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(REPO / "deploy/k8s/overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
 
 
@@ -76,8 +80,10 @@ def test_manifests_match_the_service(overlay):
     assert scaler["spec"]["scaleTargetRef"]["name"] == by_kind(objects, "Deployment")["metadata"]["name"]
 
 
-SECRET_STAND_INS = {"FLUX_JOBS_REDIS_URL": "redis://:password@redis:6379/0",
-                    "FLUX_WEBHOOK_SECRET": "a-webhook-secret-0123456789"}
+SECRET_STAND_INS = {
+    "FLUX_JOBS_REDIS_URL": "redis://:password@redis:6379/0",
+    "FLUX_WEBHOOK_SECRET": "a-webhook-secret-0123456789",
+}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -122,18 +128,32 @@ def test_artifact_from_s3_init_container_then_serve(tiny_int8_tag, s3, tmp_path)
     store = tmp_path / "bentoml"  # the emptyDir volume
     command = [arg.replace("$(ARTIFACT_URL)", url) for arg in init["command"] + init["args"]]
     assert command[0] == "bentoml"
-    imported = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, cwd=tmp_path,
-                              env={**os.environ, **s3, "BENTOML_HOME": str(store)})
+    imported = subprocess.run(
+        [sys.executable, "-m", *command],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, **s3, "BENTOML_HOME": str(store)},
+    )
     assert imported.returncode == 0, imported.stderr
     listed = run_module("bentoml", "models", "get", tiny_int8_tag, "-o", "json", env={"BENTOML_HOME": str(store)})
-    assert json.loads(listed.stdout)["labels"] == {"recipe": "int8", "backend": "quanto", "source": "flux-tiny", "variant": "dev"}
-    serve_env = {"BENTOML_HOME": str(store), "FLUX_ARTIFACT": tiny_int8_tag,
-                 "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}"}
+    assert json.loads(listed.stdout)["labels"] == {
+        "recipe": "int8",
+        "backend": "quanto",
+        "source": "flux-tiny",
+        "variant": "dev",
+    }
+    serve_env = {
+        "BENTOML_HOME": str(store),
+        "FLUX_ARTIFACT": tiny_int8_tag,
+        "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
+    }
     with running_server(free_port(), tmp_path / "server.log", env=serve_env) as base:
         for path in probe_paths(objects):
             assert httpx.get(f"{base}{path}").status_code == 200, path
-        response = httpx.post(f"{base}/txt2img", json={"prompt": "from s3", "width": 64, "height": 64, "steps": 1},
-                              timeout=120)
+        response = httpx.post(
+            f"{base}/txt2img", json={"prompt": "from s3", "width": 64, "height": 64, "steps": 1}, timeout=120
+        )
         assert response.status_code == 200 and response.content[:4] == b"\x89PNG"
 
 
@@ -141,9 +161,13 @@ def test_artifact_from_s3_init_container_then_serve(tiny_int8_tag, s3, tmp_path)
 def test_gpu_bento_build_context(tiny_int8_tag, tmp_path, mode):
     out = tmp_path / "context.tar"
     secret = "hf_do_not_bake_me_0123456789"
-    built = subprocess.run([sys.executable, "deploy/bento.py", "--artifact", tiny_int8_tag, "--mode", mode, "--out",
-                            str(out)], cwd=REPO, capture_output=True, text=True,
-                           env={**os.environ, "HF_TOKEN": secret, "AWS_SECRET_ACCESS_KEY": secret})
+    built = subprocess.run(
+        [sys.executable, "deploy/bento.py", "--artifact", tiny_int8_tag, "--mode", mode, "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_TOKEN": secret, "AWS_SECRET_ACCESS_KEY": secret},
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     tag = built.stdout.strip().splitlines()[-1]
     assert tag.startswith("flux-serve:") and tag.endswith(tiny_int8_tag.split(":")[1])
@@ -163,6 +187,8 @@ def test_gpu_bento_build_context(tiny_int8_tag, tmp_path, mode):
     for pin in ("torch==2.13.0", "diffusers==0.42.1", "optimum-quanto==0.2.7", "bentoml==1.4.40", "grpcio==1.85.1"):
         assert pin in lock.splitlines()
     assert bento["labels"]["recipe"] == "int8" and bento["labels"]["artifact"] == tiny_int8_tag
+    code = {str(path.relative_to(REPO)) for folder in ("models", "service") for path in (REPO / folder).rglob("*.py")}
+    assert code - {name.removeprefix("src/") for name in names} == set(), "modules the service imports are missing"
     has_model = any(name.startswith("models/flux-tiny-int8/") for name in names)
     assert has_model == (mode == "baked")
 
@@ -171,15 +197,20 @@ def evaluate_sum(query: str, metrics_text: str) -> float:
     """`sum(name)` or `sum(name{label="value",...})` over one scrape: what Prometheus would answer."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    found = re.fullmatch(r'sum\((\w+)(?:\{(.*)\})?\)', query.strip())
+    found = re.fullmatch(r"sum\((\w+)(?:\{(.*)\})?\)", query.strip())
     assert found, f"the check reads sum(metric{{labels}}) queries only: {query}"
     name, matchers = found.group(1), dict(re.findall(r'(\w+)="([^"]*)"', found.group(2) or ""))
-    samples = [sample for family in text_string_to_metric_families(metrics_text) for sample in family.samples
-               if sample.name == name and matchers.items() <= sample.labels.items()]
+    samples = [
+        sample
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == name and matchers.items() <= sample.labels.items()
+    ]
     assert samples, f"{name} with {matchers} is not on /metrics"
     return sum(sample.value for sample in samples)
 
 
+@pytest.mark.slow  # about a minute: `make test-all`
 def test_the_autoscaling_query_counts_each_request_once_on_a_built_bento(tiny_int8_tag, tmp_path):
     built = run_module("bentoml", "build", env={"FLUX_ARTIFACT": tiny_int8_tag})
     assert built.returncode == 0, built.stderr[-2000:]
@@ -194,8 +225,10 @@ def test_the_autoscaling_query_counts_each_request_once_on_a_built_bento(tiny_in
         assert evaluate_sum(query, httpx.get(f"{url}/metrics").text) == 0
         slow = dict(prompt="in flight", width=1024, height=1024, steps=24)
         with ThreadPoolExecutor(2) as pool:
-            calls = [pool.submit(httpx.post, f"{url}/txt2img", json=slow, timeout=300),
-                     pool.submit(FluxGrpcClient(target).generate, GenerationRequest(**slow))]
+            calls = [
+                pool.submit(httpx.post, f"{url}/txt2img", json=slow, timeout=300),
+                pool.submit(FluxGrpcClient(target).generate, GenerationRequest(**slow)),
+            ]
             time.sleep(2.0)
             assert not any(call.done() for call in calls)
             assert evaluate_sum(query, httpx.get(f"{url}/metrics").text) == 2  # one HTTP + one gRPC

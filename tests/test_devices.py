@@ -57,19 +57,33 @@ def test_the_capability_chooses_the_dtype_and_what_runs():
     assert "generic path" in kernel_note("int4", (9, 0), torch.float16)  # TinyGemm takes bf16 activations only
 
 
+@pytest.mark.slow  # about a minute: `make test-all`
 def test_a_simulated_v100_refuses_llm_int8_at_start_naming_what_runs(tiny_tag):
     tag = tiny_tag("int8-bnb")
-    result = run_module(*serve_command(free_port())[2:], env={
-        "FLUX_ARTIFACT": tag, "FLUX_DEVICE_CAPABILITY": "7.0", "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}"})
+    result = run_module(
+        *serve_command(free_port())[2:],
+        env={"FLUX_ARTIFACT": tag, "FLUX_DEVICE_CAPABILITY": "7.0", "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}"},
+    )
     log = result.stdout + result.stderr
-    reason = (rf"\[CRITICAL\] \[(service:FluxWorker)?:1\] {re.escape(tag)}: recipe int8-bnb runs LLM.int8\(\) int8 "
-              r"matmul \(cuBLASLt\), which needs sm75\+; this card is sm70; recipes this card runs in float16: "
-              r"int8, int4, fp8, nf4, fp4, gguf")
+    reason = (
+        rf"\[CRITICAL\] \[(service:FluxWorker)?:1\] {re.escape(tag)}: recipe int8-bnb runs LLM.int8\(\) int8 "
+        r"matmul \(cuBLASLt\), which needs sm75\+; this card is sm70; recipes this card runs in float16: "
+        r"int8, int4, fp8, nf4, fp4, gguf"
+    )
     assert re.search(reason, log), log[-3000:]
-    forced = run_module(*serve_command(free_port())[2:], env={
-        "FLUX_ARTIFACT": tag, "FLUX_DEVICE_CAPABILITY": "7.5", "FLUX_COMPUTE_DTYPE": "bfloat16",
-        "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}"})
-    assert "sm75 has no native bf16 (it needs sm80+): set FLUX_COMPUTE_DTYPE=float16 or auto" in forced.stdout + forced.stderr
+    forced = run_module(
+        *serve_command(free_port())[2:],
+        env={
+            "FLUX_ARTIFACT": tag,
+            "FLUX_DEVICE_CAPABILITY": "7.5",
+            "FLUX_COMPUTE_DTYPE": "bfloat16",
+            "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
+        },
+    )
+    assert (
+        "sm75 has no native bf16 (it needs sm80+): set FLUX_COMPUTE_DTYPE=float16 or auto"
+        in forced.stdout + forced.stderr
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,16 +96,26 @@ def hot_t5_tag(tmp_path_factory) -> str:
             block.layer[-1].DenseReluDense.wo.weight.mul_(1e5)
     source = tmp_path_factory.mktemp("checkpoints") / "flux-hot-t5"
     pipe.save_pretrained(source)
-    result = run_module("quantize", str(source), "--recipe", "int8", "--components", "transformer",
-                        "--skip-validation", "--name", "flux-hot-t5")
+    result = run_module(
+        "quantize",
+        str(source),
+        "--recipe",
+        "int8",
+        "--components",
+        "transformer",
+        "--skip-validation",
+        "--name",
+        "flux-hot-t5",
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()[-1]
 
 
 def test_float16_keeps_t5_s_overflowing_layers_in_float32(hot_t5_tag):
     reference = load_pipeline(stored(hot_t5_tag))[0]
-    ids = reference.tokenizer_2([LONG_PROMPT], return_tensors="pt", padding="max_length", max_length=512,
-                                truncation=True).input_ids
+    ids = reference.tokenizer_2(
+        [LONG_PROMPT], return_tensors="pt", padding="max_length", max_length=512, truncation=True
+    ).input_ids
     with torch.no_grad():
         truth = reference.text_encoder_2.float()(ids).last_hidden_state
         ours = load_pipeline(stored(hot_t5_tag), dtype=torch.float16)[0].text_encoder_2(ids).last_hidden_state
@@ -117,18 +141,28 @@ def test_float16_pipelines_give_finite_images_for_long_prompts(hot_t5_tag, tiny_
 
 
 def test_a_simulated_t4_serves_in_float16(tiny_int8_tag, tmp_path):
-    env = {"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_DEVICE_CAPABILITY": "7.5", "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
-           **private_home(tmp_path / "home")}
+    env = {
+        "FLUX_ARTIFACT": tiny_int8_tag,
+        "FLUX_DEVICE_CAPABILITY": "7.5",
+        "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
+        **private_home(tmp_path / "home"),
+    }
     item = WorkItem(prompt=LONG_PROMPT, width=128, height=128, steps=2, seed=3)
     with running_server(free_port(), tmp_path / "server.log", env=env) as url:
         card = httpx.post(f"{url}/info", timeout=30).json()["card"]
-        response = httpx.post(f"{url}/txt2img", timeout=300,
-                              json=item.model_dump(include={"prompt", "width", "height", "steps", "seed"}))
-    assert card == {"capability": "7.5", "compute_dtype": "float16", "kernels": "quanto int8 weights: dequantized, "
-                                                                                "then a 16-bit matmul"}
+        response = httpx.post(
+            f"{url}/txt2img", timeout=300, json=item.model_dump(include={"prompt", "width", "height", "steps", "seed"})
+        )
+    assert card == {
+        "capability": "7.5",
+        "compute_dtype": "float16",
+        "kernels": "quanto int8 weights: dequantized, then a 16-bit matmul",
+        "peak_memory_bytes": None,  # a CPU
+    }
     assert response.status_code == 200, response.text
-    in_process = Renderer(load_pipeline(stored(tiny_int8_tag), dtype=torch.float16)[0],
-                          Placement.resident(torch.device("cpu"))).render([item])[0]
+    in_process = Renderer(
+        load_pipeline(stored(tiny_int8_tag), dtype=torch.float16)[0], Placement.resident(torch.device("cpu"))
+    ).render([item])[0]
     assert response.content == in_process.image
 
 
@@ -147,7 +181,9 @@ def test_a_4bit_t5_wo_layer_from_an_older_artifact_is_refused(tiny_tag, tmp_path
 def test_recipe_memory_counts_t5_s_kept_layers_as_the_card_loads_them():
     nf4, int8 = RECIPES["nf4"], RECIPES["int8"]
     wo = sum(weights for name, (weights, _) in linear_layers("full", "text_encoder_2").items() if name.endswith(".wo"))
-    assert nf4.memory_bytes("full", "text_encoder_2", torch.float16) - nf4.memory_bytes("full", "text_encoder_2") == 2 * wo
+    assert (
+        nf4.memory_bytes("full", "text_encoder_2", torch.float16) - nf4.memory_bytes("full", "text_encoder_2") == 2 * wo
+    )
     assert int8.memory_bytes("full", "text_encoder_2", torch.float16) == int8.memory_bytes("full", "text_encoder_2")
 
 

@@ -29,8 +29,10 @@ GGML_TYPES = ("Q8_0", "Q4_0")  # the gguf package quantizes these (K-quants it o
 def gguf_files(medium_source, tmp_path_factory) -> dict[str, Path]:
     """The medium transformer as GGUF files, made the way city96's are (gguf package, BFL layout)."""
     folder = tmp_path_factory.mktemp("gguf")
-    return {kind: gguf_from_diffusers(medium_source / "transformer", folder / f"flux-medium-{kind}.gguf", kind)
-            for kind in GGML_TYPES}
+    return {
+        kind: gguf_from_diffusers(medium_source / "transformer", folder / f"flux-medium-{kind}.gguf", kind)
+        for kind in GGML_TYPES
+    }
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +41,9 @@ def gguf_tags(gguf_files, medium_source) -> dict[tuple[str, str], str]:
     tags = {}
     for kind, path in gguf_files.items():
         for recipe in ("gguf", "int8"):
-            result = run_module("quantize", str(path), "--base", str(medium_source), "--recipe", recipe,
-                                "--skip-validation")
+            result = run_module(
+                "quantize", str(path), "--base", str(medium_source), "--recipe", recipe, "--skip-validation"
+            )
             assert result.returncode == 0, result.stderr
             tags[kind, recipe] = result.stdout.strip().splitlines()[-1]
     return tags
@@ -49,8 +52,12 @@ def gguf_tags(gguf_files, medium_source) -> dict[tuple[str, str], str]:
 def diffusers_gguf(path: Path, medium_source: Path) -> FluxTransformer2DModel:
     """The reference: diffusers reads the file itself (its own key converter and dequantizer)."""
     return FluxTransformer2DModel.from_single_file(
-        str(path), config=str(medium_source), subfolder="transformer", dtype=torch.bfloat16,
-        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16)).eval()
+        str(path),
+        config=str(medium_source),
+        subfolder="transformer",
+        dtype=torch.bfloat16,
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16),
+    ).eval()
 
 
 def stored(tag: str) -> Path:
@@ -67,8 +74,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("kind", GGML_TYPES)
-def test_the_gguf_recipe_keeps_the_blocks_and_computes_what_diffusers_does(kind, gguf_files, gguf_tags,
-                                                                          medium_source):
+def test_the_gguf_recipe_keeps_the_blocks_and_computes_what_diffusers_does(kind, gguf_files, gguf_tags, medium_source):
     pipe, manifest = load_pipeline(stored(gguf_tags[kind, "gguf"]))
     assert manifest.backend == "gguf" and manifest.components["transformer"].quantization["weights"] == "gguf"
     blocks = {module.weight.quant_type.name for module in pipe.transformer.modules() if isinstance(module, GGUFLinear)}
@@ -87,7 +93,7 @@ def test_a_gguf_file_streams_into_int8_within_int8_s_own_error(kind, gguf_files,
     _dequantize_gguf_and_restore_linear(reference)
     ours = GGUFTransformer(gguf_files[kind])
     for name, weight in reference.state_dict().items():  # every tensor within one bf16 step of diffusers'
-        torch.testing.assert_close(ours.get(name).to(torch.bfloat16), weight, rtol=2 ** -7, atol=0)
+        torch.testing.assert_close(ours.get(name).to(torch.bfloat16), weight, rtol=2**-7, atol=0)
     dequantized = output(reference)
     quantize_model(reference, "transformer", RECIPES["int8"])
     floor = relative(output(reference), dequantized)
@@ -106,8 +112,9 @@ def test_bad_gguf_sources_are_refused_naming_the_file(medium_source, gguf_files,
     truncated = tmp_path / "flux-truncated.gguf"
     truncated.write_bytes(gguf_files["Q8_0"].read_bytes()[:100_000])
     before = {str(model.tag) for model in bentoml.models.list()}
-    result = run_module("quantize", str(truncated), "--base", str(medium_source), "--recipe", "gguf",
-                        "--skip-validation")
+    result = run_module(
+        "quantize", str(truncated), "--base", str(medium_source), "--recipe", "gguf", "--skip-validation"
+    )
     assert result.returncode == 2 and "flux-truncated.gguf: unreadable GGUF file" in flat(result.stderr), result.stderr
     result = run_module("quantize", str(medium_source), "--recipe", "gguf", "--skip-validation")
     assert result.returncode == 2 and "is not a .gguf transformer" in flat(result.stderr), result.stderr
@@ -122,8 +129,9 @@ def test_a_gguf_artifact_serves_what_it_renders_in_process(gguf_tags, tmp_path):
     env = {"FLUX_ARTIFACT": tag, "FLUX_WARMUP_SIZE": "128", **private_home(tmp_path / "home")}
     with running_server(free_port(), tmp_path / "server.log", env=env) as url:
         info = httpx.post(f"{url}/info", timeout=30).json()
-        response = httpx.post(f"{url}/txt2img", json=item.model_dump(include={"prompt", "seed", "width", "height",
-                                                                               "steps"}), timeout=300)
+        response = httpx.post(
+            f"{url}/txt2img", json=item.model_dump(include={"prompt", "seed", "width", "height", "steps"}), timeout=300
+        )
     assert info["backend"] == "gguf" and info["recipe"] == "gguf"
     assert response.status_code == 200, response.text
     assert response.content == solo.image and Image.open(io.BytesIO(response.content)).size == (128, 128)

@@ -14,9 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from service.client import FluxClient, FluxGrpcClient
+from service.fronts.stubs import SERVICE_NAME, messages
 from service.launcher import running_server, start_server, stop, wait_ready
 from service.schema import GenerationRequest
-from service.fronts.stubs import SERVICE_NAME, messages
 from tests.conftest import free_port, private_home
 
 SMALL = dict(width=128, height=128, steps=2)
@@ -49,8 +49,9 @@ def test_jpeg_output(servers):
 
 
 def test_stream_reports_every_step_then_the_image(servers):
-    events = list(FluxGrpcClient(servers[1]).generate_stream(GenerationRequest(prompt="a fox", width=512, height=512,
-                                                                                steps=30)))
+    events = list(
+        FluxGrpcClient(servers[1]).generate_stream(GenerationRequest(prompt="a fox", width=512, height=512, steps=30))
+    )
     steps = [event.progress.step for event in events if event.HasField("progress")]
     assert events[-1].HasField("result") and Image.open(io.BytesIO(events[-1].result.image)).size == (512, 512)
     assert steps == sorted(steps) and steps and steps[-1] <= 30
@@ -74,9 +75,11 @@ def test_http_and_grpc_share_one_batching_queue(servers):
 
 def test_invalid_argument_names_the_field(servers):
     rpc = FluxGrpcClient(servers[1])
-    for message, field in ((messages.GenerateRequest(prompt="fox", width=100), "width"),
-                           (messages.GenerateRequest(prompt=""), "prompt"),
-                           (messages.GenerateRequest(prompt="fox", steps=0), "steps")):
+    for message, field in (
+        (messages.GenerateRequest(prompt="fox", width=100), "width"),
+        (messages.GenerateRequest(prompt=""), "prompt"),
+        (messages.GenerateRequest(prompt="fox", steps=0), "steps"),
+    ):
         with pytest.raises(grpc.RpcError) as error:
             rpc.stub.Generate(message)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -173,8 +176,9 @@ def steps_after_cancel(url: str) -> tuple[float, float]:
 def test_cancelling_a_stream_stops_the_render_within_a_step(servers):
     url, target = servers
     before = steps_after_cancel(url)
-    stream = FluxGrpcClient(target).generate_stream(GenerationRequest(prompt="abandoned", width=1024, height=1024,
-                                                                      steps=60))
+    stream = FluxGrpcClient(target).generate_stream(
+        GenerationRequest(prompt="abandoned", width=1024, height=1024, steps=60)
+    )
     first = next(stream)
     assert first.HasField("progress")
     stream.cancel()
@@ -204,19 +208,21 @@ def test_unknown_fields_are_invalid_argument(servers):
 
 def test_the_request_id_comes_back_in_trailing_metadata(servers):
     _, call = FluxGrpcClient(servers[1]).stub.Generate.with_call(
-        messages.GenerateRequest(prompt="fox", width=128, height=128, steps=1), metadata=(("x-request-id", "grpc-7"),))
+        messages.GenerateRequest(prompt="fox", width=128, height=128, steps=1), metadata=(("x-request-id", "grpc-7"),)
+    )
     assert ("x-request-id", "grpc-7") in call.trailing_metadata()
 
 
 def test_a_second_server_cannot_share_the_port(servers):
     import asyncio
 
-    from service.fronts.gateway import Gateway
     from service.fronts.grpc_front import GrpcFront
+    from service.gateway import Gateway
     from service.settings import Settings
 
     async def start_second() -> None:
         await GrpcFront(Gateway(worker=None), Settings(grpc_address=servers[1])).start()
+
     with pytest.raises(SystemExit, match=f"FLUX_GRPC_ADDRESS={servers[1]}: cannot listen"):
         asyncio.run(start_second())
 
@@ -227,11 +233,14 @@ def test_shutdown_flips_health_and_lets_the_call_in_flight_finish(tiny_int8_tag,
     try:
         wait_ready(f"http://127.0.0.1:{port}", process, tmp_path / "server.log", timeout_s=300)
         statuses = health_pb2_grpc.HealthStub(grpc.insecure_channel(target)).Watch(
-            health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        )
         assert next(statuses).status == health_pb2.HealthCheckResponse.SERVING
         with ThreadPoolExecutor(1) as pool:
-            in_flight = pool.submit(FluxGrpcClient(target).generate,
-                                    GenerationRequest(prompt="finish me", width=1024, height=1024, steps=16))
+            in_flight = pool.submit(
+                FluxGrpcClient(target).generate,
+                GenerationRequest(prompt="finish me", width=1024, height=1024, steps=16),
+            )
             time.sleep(1.5)
             assert not in_flight.done()
             process.send_signal(signal.SIGTERM)

@@ -67,11 +67,20 @@ def backends(tmp_path_factory):
 
 def replica_env(tiny_int8_tag: str, backends, folder, **extra: str) -> dict[str, str]:
     queue, aws = backends
-    return {**aws, "FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
-            "FLUX_MAX_RESOLUTION": "1024", "FLUX_JOBS_REDIS_URL": queue.url,
-            "FLUX_RESULTS_URL": "s3://flux-results/jobs", "FLUX_WEBHOOK_HOSTS": "127.0.0.1",
-            "FLUX_WEBHOOK_SECRET": SECRET, "FLUX_WEBHOOK_BACKOFF_S": "0.2", "FLUX_JOBS_HEARTBEAT_S": "3",
-            **private_home(folder / "home"), **extra}
+    return {
+        **aws,
+        "FLUX_ARTIFACT": tiny_int8_tag,
+        "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
+        "FLUX_MAX_RESOLUTION": "1024",
+        "FLUX_JOBS_REDIS_URL": queue.url,
+        "FLUX_RESULTS_URL": "s3://flux-results/jobs",
+        "FLUX_WEBHOOK_HOSTS": "127.0.0.1",
+        "FLUX_WEBHOOK_SECRET": SECRET,
+        "FLUX_WEBHOOK_BACKOFF_S": "0.2",
+        "FLUX_JOBS_HEARTBEAT_S": "3",
+        **private_home(folder / "home"),
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +120,13 @@ def finished(url: str, job_id: str, timeout_s: float = 120) -> dict:
 def objects(aws: dict[str, str]) -> list[str]:
     import boto3
 
-    client = boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], aws_access_key_id="test",
-                          aws_secret_access_key="test", region_name="us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=aws["AWS_ENDPOINT_URL"],
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        region_name="us-east-1",
+    )
     return [item["Key"] for item in client.list_objects_v2(Bucket="flux-results").get("Contents", [])]
 
 
@@ -136,10 +150,13 @@ def test_prefer_wait_returns_the_finished_job(server):
 
 def test_bad_requests_are_refused_naming_the_field(server):
     url = server[0]
-    for body, field in [({**SMALL, "width": 100}, "width"), ({**SMALL, "sede": 1}, "sede"),
-                        ({**SMALL, "webhook": "http://example.com/hook"}, "webhook"),
-                        ({**SMALL, "webhook": "http://10.0.0.1/hook"}, "webhook"),
-                        ({**SMALL, "width": 2048}, "width")]:
+    for body, field in [
+        ({**SMALL, "width": 100}, "width"),
+        ({**SMALL, "sede": 1}, "sede"),
+        ({**SMALL, "webhook": "http://example.com/hook"}, "webhook"),
+        ({**SMALL, "webhook": "http://10.0.0.1/hook"}, "webhook"),
+        ({**SMALL, "width": 2048}, "width"),
+    ]:
         answer = submit(url, body)
         assert answer.status_code == 400, (body, answer.text)
         assert answer.json()["error"]["param"] == field, answer.text
@@ -251,6 +268,7 @@ def test_a_job_taken_over_too_often_fails_with_the_reason(server, backends):
     assert store.xpending("flux:jobs", "flux")["pending"] == 0
 
 
+@pytest.mark.slow  # about a minute: `make test-all`
 def test_a_replica_killed_mid_job_leaves_it_to_another(tiny_int8_tag, backends, tmp_path):
     queue, aws = backends
     replicas = []
@@ -297,8 +315,9 @@ def test_openai_url_responses_come_from_the_results_store(server):
     import openai
 
     client = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused")
-    images = client.images.generate(prompt="two foxes", n=2, size="128x128", response_format="url",
-                                    extra_body={"steps": 2, "seed": 11})
+    images = client.images.generate(
+        prompt="two foxes", n=2, size="128x128", response_format="url", extra_body={"steps": 2, "seed": 11}
+    )
     fetched = [httpx.get(image.url).content for image in images.data]
     direct = httpx.post(f"{server[0]}/txt2img", json={**SMALL, "prompt": "two foxes", "seed": 12}, timeout=60).content
     assert fetched[0][:4] == b"\x89PNG" and fetched[1] == direct and fetched[0] != fetched[1]
@@ -318,8 +337,10 @@ def test_a_dead_consumers_entries_are_taken_over(backends, redis_before_6_2):
         await dead.redis.xadd(stream, {"job": "job-1"})
         assert [d.job_id for d in await dead.read(5, 100)] == ["job-1"]
         if redis_before_6_2:
+
             async def unknown(*args, **kwargs):
                 raise ResponseError("unknown command 'XAUTOCLAIM'")
+
             alive.redis.xautoclaim = unknown
         assert await alive.reclaim(idle_s=5, count=5) == []  # not idle long enough yet
         await asyncio.sleep(0.3)
@@ -336,7 +357,23 @@ def test_a_dead_consumers_entries_are_taken_over(backends, redis_before_6_2):
 @pytest.mark.parametrize("grpc_flag", [[], ["--grpc"]])
 def test_the_command_line_runs_a_job_and_writes_its_image(server, tmp_path, grpc_flag):
     out = tmp_path / "job.png"
-    ran = run_module("service.client", "a job from the shell", "-o", str(out), "--job", *grpc_flag, "--url", server[0],
-                     "--target", server[1], "--width", "128", "--height", "128", "--steps", "2")
+    ran = run_module(
+        "service.client",
+        "a job from the shell",
+        "-o",
+        str(out),
+        "--job",
+        *grpc_flag,
+        "--url",
+        server[0],
+        "--target",
+        server[1],
+        "--width",
+        "128",
+        "--height",
+        "128",
+        "--steps",
+        "2",
+    )
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert Image.open(out).size == (128, 128)

@@ -30,8 +30,13 @@ SLOW = dict(width=1024, height=1024)  # about a quarter of a second per step for
 def server(tiny_int8_tag, tmp_path_factory):
     folder = tmp_path_factory.mktemp("lifecycle")
     port, log = free_port(), folder / "server.log"
-    env = {"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
-           "FLUX_MAX_RESOLUTION": "1024", "FLUX_LIVENESS_TIMEOUT_S": "2", **private_home(folder / "home")}
+    env = {
+        "FLUX_ARTIFACT": tiny_int8_tag,
+        "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
+        "FLUX_MAX_RESOLUTION": "1024",
+        "FLUX_LIVENESS_TIMEOUT_S": "2",
+        **private_home(folder / "home"),
+    }
     process = start_server(port, log, env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -103,6 +108,7 @@ def test_small_requests_do_not_wait_behind_large_ones_queued_before_them(server)
     def send(name: str, **fields) -> None:
         assert post(url, prompt=name, **fields).status_code == 200
         finished[name] = time.monotonic()
+
     with ThreadPoolExecutor(3) as pool:
         pool.submit(send, "large 1", steps=8, **SLOW)
         time.sleep(0.5)
@@ -202,8 +208,9 @@ def test_every_stage_is_measured(server):
 
 
 def worker_process(server_process) -> psutil.Process:
-    return next(p for p in psutil.Process(server_process.pid).children(recursive=True)
-                if "FluxWorker" in " ".join(p.cmdline()))
+    return next(
+        p for p in psutil.Process(server_process.pid).children(recursive=True) if "FluxWorker" in " ".join(p.cmdline())
+    )
 
 
 def test_livez_fails_while_the_worker_cannot_answer(server):
@@ -220,8 +227,10 @@ def test_livez_fails_while_the_worker_cannot_answer(server):
 
 def test_many_disconnects_leave_nothing_in_flight(server):
     url = server[0]
-    threads = [threading.Thread(target=abandon, args=(url, 0.3), kwargs=dict(prompt=f"gone {i}", steps=6, **SLOW))
-               for i in range(4)]
+    threads = [
+        threading.Thread(target=abandon, args=(url, 0.3), kwargs=dict(prompt=f"gone {i}", steps=6, **SLOW))
+        for i in range(4)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bentoml
-import bitsandbytes as bnb
 import grpc
 import httpx
 import pytest
@@ -19,9 +18,9 @@ from safetensors.torch import load_file, save_file
 from bench.report import batch_histogram
 from models.architecture import build_pipeline
 from models.artifact import load_component, load_pipeline, read_manifest
+from models.backends import BACKENDS
 from models.lora import load_adapter
 from models.random_lora import write_diffusers_lora, write_kohya_lora
-from models.tensors import read_shards
 from service.client import FluxGrpcClient
 from service.launcher import running_server
 from service.runtime.adapters import AdapterCache, stacks_applied
@@ -47,6 +46,7 @@ def stored_names() -> set[str]:
 
 # --- correctness on medium (real FLUX layer shapes) against diffusers + PEFT ---------------------------------
 
+
 @pytest.fixture(scope="module")
 def medium_artifacts(medium_source) -> dict[str, str]:
     """The medium checkpoint as int8, int4 and nf4 artifacts (no quality gate: it is not under test here)."""
@@ -63,9 +63,12 @@ def medium_loras(medium_source, medium_artifacts, tmp_path_factory) -> dict[str,
     """A kohya rank-4 LoRA (BFL names, alpha = rank / 2) and a diffusers rank-64 one (alpha 32), both stored."""
     folder = tmp_path_factory.mktemp("medium-loras")
     transformer = FluxTransformer2DModel.from_pretrained(medium_source / "transformer", dtype=torch.bfloat16)
-    files = {"kohya-r4": write_kohya_lora(folder / "kohya.safetensors", "medium", rank=4, seed=1, strength=1.0),
-             "diffusers-r64": write_diffusers_lora(folder / "diffusers.safetensors", transformer, rank=64, seed=2,
-                                                   strength=1.0, alpha=32)}
+    files = {
+        "kohya-r4": write_kohya_lora(folder / "kohya.safetensors", "medium", rank=4, seed=1, strength=1.0),
+        "diffusers-r64": write_diffusers_lora(
+            folder / "diffusers.safetensors", transformer, rank=64, seed=2, strength=1.0, alpha=32
+        ),
+    }
     for name, file in files.items():
         result = add(file, name, medium_artifacts["int8"])
         assert result.returncode == 0, result.stderr
@@ -73,29 +76,15 @@ def medium_loras(medium_source, medium_artifacts, tmp_path_factory) -> dict[str,
 
 
 def dequantized_transformer(medium_source: Path, folder: Path) -> FluxTransformer2DModel:
-    """bf16 transformer whose weights are the artifact's, dequantized from the stored tensors (quanto) or by
-    bitsandbytes (nf4): the base PEFT can load LoRAs into."""
+    """bf16 transformer whose weights are the artifact's, dequantized by its backend: the base PEFT can load
+    LoRAs into."""
     reference = FluxTransformer2DModel.from_pretrained(medium_source / "transformer", dtype=torch.bfloat16).eval()
     manifest = read_manifest(folder)
+    loaded = load_component("transformer", folder, manifest, verify=False)
     quantization = json.loads((folder / "transformer" / "quantization_map.json").read_text())
-    if manifest.backend == "quanto":
-        state = read_shards(folder / "transformer")
-        for name, entry in quantization.items():
-            layer = reference.get_submodule(name)
-            prefix = f"{name}.weight."
-            if entry["weights"] == "qint8":
-                weight = state[prefix + "_data"].to(torch.float32) * state[prefix + "_scale"].float()
-            else:  # int4 in groups: scale · q − shift, as quanto's QBitsDequantizer
-                rows = layer.weight.numel() // entry["group_size"]
-                data = torch.ops.quanto.unpack(state[prefix + "_data._data"], 4)[:rows].float()
-                weight = state[prefix + "_scale"].float() * data - state[prefix + "_shift"].float()
-            layer.weight.data = weight.reshape(layer.weight.shape).to(torch.bfloat16)
-    else:
-        loaded = load_component("transformer", folder, manifest, verify=False)
-        for name in quantization:
-            weight = loaded.get_submodule(name).weight
-            reference.get_submodule(name).weight.data = bnb.functional.dequantize_4bit(
-                weight.data, weight.quant_state).to(torch.bfloat16)
+    for name in quantization:
+        weight = BACKENDS[manifest.backend].dequantize(loaded.get_submodule(name))
+        reference.get_submodule(name).weight.data = weight.to(torch.bfloat16)
     return reference
 
 
@@ -104,11 +93,15 @@ def transformer_inputs(seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.zeros(64, 3)
     ids[:, 1], ids[:, 2] = torch.arange(64) // 8, torch.arange(64) % 8
-    return dict(hidden_states=torch.randn(1, 64, 64, generator=generator).bfloat16(),
-                encoder_hidden_states=torch.randn(1, 32, 4096, generator=generator).bfloat16(),
-                pooled_projections=torch.randn(1, 768, generator=generator).bfloat16(),
-                timestep=torch.tensor([0.7]).bfloat16(), img_ids=ids, txt_ids=torch.zeros(32, 3),
-                guidance=torch.tensor([3.5]))
+    return dict(
+        hidden_states=torch.randn(1, 64, 64, generator=generator).bfloat16(),
+        encoder_hidden_states=torch.randn(1, 32, 4096, generator=generator).bfloat16(),
+        pooled_projections=torch.randn(1, 768, generator=generator).bfloat16(),
+        timestep=torch.tensor([0.7]).bfloat16(),
+        img_ids=ids,
+        txt_ids=torch.zeros(32, 3),
+        guidance=torch.tensor([3.5]),
+    )
 
 
 @torch.no_grad()
@@ -133,8 +126,15 @@ def ours(transformer: torch.nn.Module, device_dtype=torch.bfloat16) -> torch.Ten
 
 def peft(transformer: FluxTransformer2DModel, files: dict[str, Path]) -> torch.Tensor:
     """The independent reference: diffusers' load_lora_weights + set_adapters (PEFT) on `transformer`."""
-    pipe = FluxPipeline(transformer=transformer, scheduler=None, vae=None, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None)
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=None,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+    )
     for name, _ in STACK:
         pipe.load_lora_weights(str(files[name]), adapter_name=name)
     pipe.set_adapters([name for name, _ in STACK], [scale for _, scale in STACK])
@@ -142,8 +142,9 @@ def peft(transformer: FluxTransformer2DModel, files: dict[str, Path]) -> torch.T
 
 
 @pytest.mark.parametrize("recipe", ["bf16", "int8", "int4", "nf4"])
-def test_a_lora_stack_on_the_base_matches_peft_on_its_dequantized_weights(recipe, medium_source, medium_artifacts,
-                                                                          medium_loras):
+def test_a_lora_stack_on_the_base_matches_peft_on_its_dequantized_weights(
+    recipe, medium_source, medium_artifacts, medium_loras
+):
     """Tolerance: our base computes with the quantized kernel (quanto's int8/int4 matmuls), the reference
     with the dequantized weights in a bf16 matmul; the bases alone already differ by `base_error`. The
     LoRA branches add B(A(x)) in bf16 exactly as PEFT does, so with them the difference may grow only by
@@ -162,7 +163,10 @@ def test_a_lora_stack_on_the_base_matches_peft_on_its_dequantized_weights(recipe
     assert relative(reference_with_stack, reference_alone) > 0.05, "the LoRAs barely change the output"
     assert relative(with_stack, reference_with_stack) <= 1.5 * base_error + 1e-3, (recipe, base_error)
     assert torch.equal(forward(base), base_alone), "the base changed: hooks left behind or weights modified"
-    if recipe in ("bf16", "nf4"):  # same bf16 computation (nf4 on the CPU dequantizes, then multiplies)
+    # nf4 on the CPU dequantizes, then multiplies, but by the transposed weight (`dequantize_4bit(B).t()`):
+    # where the CPU has avx512_bf16, oneDNN rounds the two layouts differently (the main before the backend
+    # registry fails the same way there), so nf4 is held to the tolerance above and bf16 to equality
+    if recipe == "bf16":
         assert torch.equal(with_stack, reference_with_stack)
 
 
@@ -184,12 +188,15 @@ def test_on_bf16_the_image_equals_peft_s(medium_source, medium_loras):
 
 # --- batches that mix stacks (tiny int8 artifact) ------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_loras(tiny_int8_tag, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("tiny-loras")
     transformer = build_pipeline("tiny").transformer
-    files = {name: write_diffusers_lora(folder / f"{name}.safetensors", transformer, rank, seed, strength=1.0)
-             for name, rank, seed in (("tiny-a", 4, 11), ("tiny-b", 8, 12), ("tiny-c", 16, 13))}
+    files = {
+        name: write_diffusers_lora(folder / f"{name}.safetensors", transformer, rank, seed, strength=1.0)
+        for name, rank, seed in (("tiny-a", 4, 11), ("tiny-b", 8, 12), ("tiny-c", 16, 13))
+    }
     for name, file in files.items():
         result = add(file, name, tiny_int8_tag)
         assert result.returncode == 0, result.stderr
@@ -200,15 +207,24 @@ def stack(*pairs) -> list[LoraWeight]:
     return [LoraWeight(name=name, scale=scale) for name, scale in pairs]
 
 
-MIXED = [stack(), stack(("tiny-a", 1.0)), stack(("tiny-a", 1.0), ("tiny-b", 1.0)), stack(("tiny-b", 0.5)),
-         stack(("tiny-c", 1.0))]
+MIXED = [
+    stack(),
+    stack(("tiny-a", 1.0)),
+    stack(("tiny-a", 1.0), ("tiny-b", 1.0)),
+    stack(("tiny-b", 0.5)),
+    stack(("tiny-c", 1.0)),
+]
 
 
 def tiny_renderer(tag: str, cache_bytes: int = 1 << 30) -> Renderer:
     pipe, _ = load_pipeline(stored(tag))
-    cache = AdapterCache(lambda name: stored(name) if name in stored_names() else None,
-                         lambda: sorted(n for n in stored_names() if n.startswith("tiny-")), cache_bytes,
-                         torch.device("cpu"), torch.bfloat16)
+    cache = AdapterCache(
+        lambda name: stored(name) if name in stored_names() else None,
+        lambda: sorted(n for n in stored_names() if n.startswith("tiny-")),
+        cache_bytes,
+        torch.device("cpu"),
+        torch.bfloat16,
+    )
     return Renderer(pipe, Placement.resident(torch.device("cpu")), adapters=cache)
 
 
@@ -236,14 +252,19 @@ def test_the_device_cache_stays_within_its_bytes_and_reloads_what_it_evicted(tin
 
 def test_an_unknown_adapter_fails_only_its_own_request(tiny_int8_tag, tiny_loras):
     renderer = tiny_renderer(tiny_int8_tag)
-    results = renderer.render([WorkItem(prompt="fox", loras=stack(("tiny-a", 1.0), ("nope", 1.0)), **SMALL),
-                               WorkItem(prompt="fox", loras=stack(("tiny-a", 1.0)), **SMALL)])
+    results = renderer.render(
+        [
+            WorkItem(prompt="fox", loras=stack(("tiny-a", 1.0), ("nope", 1.0)), **SMALL),
+            WorkItem(prompt="fox", loras=stack(("tiny-a", 1.0)), **SMALL),
+        ]
+    )
     assert results[0].status == "refused" and results[0].field == "loras[1].name"
     assert "'nope'" in results[0].message and "tiny-a, tiny-b, tiny-c" in results[0].message
     assert results[1].ok
 
 
 # --- the adapter store: `python -m quantize lora add` -----------------------------------------------------
+
 
 def test_an_added_adapter_is_labelled_and_verified(tiny_int8_tag, tiny_loras):
     model = bentoml.models.get("tiny-b")
@@ -263,34 +284,50 @@ def refused(result, *phrases: str) -> None:
         assert phrase in message, message
 
 
+@pytest.mark.slow  # about a minute: `make test-all`
 def test_bad_lora_files_are_refused_and_nothing_is_stored(tiny_int8_tag, tiny_loras, tmp_path):
     good = load_file(tiny_loras["tiny-a"])
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(tiny_loras["tiny-a"].read_bytes()[:1000])
     refused(add(corrupt, "bad-corrupt", tiny_int8_tag), "not a readable safetensors file")
     sdxl = tmp_path / "sdxl.safetensors"
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
-               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4)}, sdxl)
+    save_file(
+        {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4),
+        },
+        sdxl,
+    )
     refused(add(sdxl, "bad-sdxl", tiny_int8_tag), "cannot read it as a FLUX LoRA")
     other_width = tmp_path / "medium-shaped.safetensors"
     key = "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"
     save_file({key: torch.zeros(4, 3072), key.replace("lora_A", "lora_B"): torch.zeros(3072, 4)}, other_width)
-    refused(add(other_width, "bad-width", tiny_int8_tag), "transformer_blocks.0.attn.to_q.lora_A has shape (4, 3072)",
-            "needs (4, 64)")
+    refused(
+        add(other_width, "bad-width", tiny_int8_tag),
+        "transformer_blocks.0.attn.to_q.lora_A has shape (4, 3072)",
+        "needs (4, 64)",
+    )
     dora = tmp_path / "dora.safetensors"
     save_file({**good, "transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": torch.ones(64)}, dora)
     refused(add(dora, "bad-dora", tiny_int8_tag), "a DoRA adapter")
     missing_layer = tmp_path / "missing.safetensors"
-    save_file({key.replace("blocks.0", "blocks.5"): torch.zeros(4, 64),
-               key.replace("blocks.0", "blocks.5").replace("lora_A", "lora_B"): torch.zeros(64, 4)}, missing_layer)
+    save_file(
+        {
+            key.replace("blocks.0", "blocks.5"): torch.zeros(4, 64),
+            key.replace("blocks.0", "blocks.5").replace("lora_A", "lora_B"): torch.zeros(64, 4),
+        },
+        missing_layer,
+    )
     refused(add(missing_layer, "bad-layer", tiny_int8_tag), "transformer_blocks.5.attn.to_q", "does not have")
     assert not {name for name in stored_names() if name.startswith("bad-")}
 
 
 def test_text_encoder_parts_are_refused_unless_dropped(tiny_int8_tag, tiny_loras, tmp_path):
     with_clip = tmp_path / "with-clip.safetensors"
-    clip = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64),
-            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4)}
+    clip = {
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4),
+    }
     save_file({**load_file(tiny_loras["tiny-a"]), **clip}, with_clip)
     refused(add(with_clip, "with-clip", tiny_int8_tag), "2 tensors train the text encoder", "--drop-text-encoder")
     result = add(with_clip, "with-clip", tiny_int8_tag, "--drop-text-encoder")
@@ -301,12 +338,17 @@ def test_text_encoder_parts_are_refused_unless_dropped(tiny_int8_tag, tiny_loras
 
 # --- a real server ---------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def lora_server(tiny_int8_tag, tiny_loras, tmp_path_factory):
     folder = tmp_path_factory.mktemp("lora-server")
     grpc_address = f"127.0.0.1:{free_port()}"
-    env = {"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GRPC_ADDRESS": grpc_address, "FLUX_LORA_CACHE_MB": "64",
-           **private_home(folder / "home")}
+    env = {
+        "FLUX_ARTIFACT": tiny_int8_tag,
+        "FLUX_GRPC_ADDRESS": grpc_address,
+        "FLUX_LORA_CACHE_MB": "64",
+        **private_home(folder / "home"),
+    }
     with running_server(free_port(), folder / "server.log", env=env) as url:
         yield url, grpc_address
 
@@ -323,14 +365,13 @@ def test_the_server_batches_different_stacks_and_each_image_equals_its_solo_rend
     url, _ = lora_server
     stacks = MIXED * 2  # ten concurrent requests, five different stacks
     with ThreadPoolExecutor(len(stacks)) as pool:
-        crowd = list(pool.map(lambda loras: txt2img(url, prompt="fox", seed=4, loras=as_json(loras), **SMALL),
-                              stacks))
+        crowd = list(pool.map(lambda loras: txt2img(url, prompt="fox", seed=4, loras=as_json(loras), **SMALL), stacks))
     assert all(response.status_code == 200 for response in crowd), [r.text for r in crowd]
     buckets = batch_histogram(httpx.get(f"{url}/metrics").text)
     assert buckets[float("inf")] > buckets[1.0], f"every batch held one request: {buckets}"
-    for loras, response in zip(MIXED, crowd):
+    for loras, response in zip(MIXED, crowd, strict=False):
         assert txt2img(url, prompt="fox", seed=4, loras=as_json(loras), **SMALL).content == response.content
-    assert len({response.content for response in crowd[:len(MIXED)]}) == len(MIXED)
+    assert len({response.content for response in crowd[: len(MIXED)]}) == len(MIXED)
 
 
 def test_an_unknown_adapter_is_a_400_naming_it_and_the_server_keeps_serving(lora_server):
@@ -342,8 +383,10 @@ def test_an_unknown_adapter_is_a_400_naming_it_and_the_server_keeps_serving(lora
     assert {"tiny-a", "tiny-b", "tiny-c"} <= set(available)
     assert body["detail"][0]["loc"] == ["loras[1].name"]
     assert "'brand-x'" in body["error"] and f"available: {', '.join(available)})" in body["error"]
-    for fields, location in (({"loras": [{"name": "tiny-a"}] * 9}, "loras"),
-                             ({"loras": [{"name": "tiny-a", "scale": 5}]}, "scale")):
+    for fields, location in (
+        ({"loras": [{"name": "tiny-a"}] * 9}, "loras"),
+        ({"loras": [{"name": "tiny-a", "scale": 5}]}, "scale"),
+    ):
         refusal = txt2img(url, prompt="fox", **fields, **SMALL)
         assert refusal.status_code == 400 and location in refusal.text, refusal.text
     assert txt2img(url, prompt="fox", loras=[{"name": "tiny-a"}], **SMALL).status_code == 200
@@ -361,22 +404,44 @@ def test_grpc_and_the_cli_carry_the_stack(lora_server, tmp_path):
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.value.details().startswith("loras[0].name: no LoRA adapter 'nope'")
     out = tmp_path / "cli.png"
-    cli = run_module("service.client", "fox", "-o", str(out), "--url", url, "--seed", "9", "--width", "128",
-                     "--height", "128", "--steps", "2", "--lora", "tiny-a", "--lora", "tiny-b=0.3")
+    cli = run_module(
+        "service.client",
+        "fox",
+        "-o",
+        str(out),
+        "--url",
+        url,
+        "--seed",
+        "9",
+        "--width",
+        "128",
+        "--height",
+        "128",
+        "--steps",
+        "2",
+        "--lora",
+        "tiny-a",
+        "--lora",
+        "tiny-b=0.3",
+    )
     assert cli.returncode == 0, cli.stderr
     assert out.read_bytes() == over_http
     assert Image.open(io.BytesIO(over_http)).size == (128, 128)
 
 
 def test_adapters_travel_in_the_bento_and_through_export_and_import(tiny_int8_tag, tiny_loras, tmp_path):
-    built = run_module("bentoml", "build", ".", "--output", "tag",
-                       env={"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_LORAS": "tiny-a,tiny-b"})
+    built = run_module(
+        "bentoml", "build", ".", "--output", "tag", env={"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_LORAS": "tiny-a,tiny-b"}
+    )
     assert built.returncode == 0, built.stderr
     tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     bento = json.loads(run_module("bentoml", "get", tag, "-o", "json").stdout)
     worker = next(service for service in bento["services"] if service["name"] == "FluxWorker")
     assert [model["tag"] for model in worker["models"]] == [
-        tiny_int8_tag, str(bentoml.models.get("tiny-a").tag), str(bentoml.models.get("tiny-b").tag)]
+        tiny_int8_tag,
+        str(bentoml.models.get("tiny-a").tag),
+        str(bentoml.models.get("tiny-b").tag),
+    ]
     wrong = run_module("bentoml", "build", ".", env={"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_LORAS": "nope"})
     assert wrong.returncode != 0 and "FLUX_LORAS='nope': no such model" in wrong.stderr
     exported = tmp_path / "tiny-c.bentomodel.tar"

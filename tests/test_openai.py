@@ -24,9 +24,14 @@ def server(tiny_int8_tag, tmp_path_factory):
     folder = tmp_path_factory.mktemp("openai")
     (folder / "keys").write_text(f"\n{FILE_KEY}\n")
     port, grpc_port, log = free_port(), free_port(), folder / "server.log"
-    env = {"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}", "FLUX_MAX_RESOLUTION": "512",
-           "FLUX_API_KEYS": f"{KEY}, other-key", "FLUX_API_KEYS_FILE": str(folder / "keys"),
-           **private_home(folder / "home")}
+    env = {
+        "FLUX_ARTIFACT": tiny_int8_tag,
+        "FLUX_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
+        "FLUX_MAX_RESOLUTION": "512",
+        "FLUX_API_KEYS": f"{KEY}, other-key",
+        "FLUX_API_KEYS_FILE": str(folder / "keys"),
+        **private_home(folder / "home"),
+    }
     process = start_server(port, log, env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -48,14 +53,26 @@ def model_name(tiny_int8_tag: str) -> str:
 def test_n_images_are_one_batch_and_equal_single_renders_with_consecutive_seeds(server, client, tiny_int8_tag):
     url = server[0]
     batches_before = metric(url, "flux_batches_total", protocols="openai")
-    response = client.images.generate(model=model_name(tiny_int8_tag), prompt="a red fox", n=3, size="256x256",
-                                      response_format="b64_json", extra_body={**FAST, "seed": 7})
+    response = client.images.generate(
+        model=model_name(tiny_int8_tag),
+        prompt="a red fox",
+        n=3,
+        size="256x256",
+        response_format="b64_json",
+        extra_body={**FAST, "seed": 7},
+    )
     assert metric(url, "flux_batches_total", protocols="openai") == batches_before + 1
     images = [base64.b64decode(image.b64_json) for image in response.data]
     assert len(images) == 3 and all(image[:8] == b"\x89PNG\r\n\x1a\n" for image in images)
-    singles = [httpx.post(f"{url}/txt2img", headers={"authorization": f"Bearer {KEY}"}, timeout=300,
-                          json={"prompt": "a red fox", "width": 256, "height": 256, "seed": seed, **FAST}).content
-               for seed in (7, 8, 9)]
+    singles = [
+        httpx.post(
+            f"{url}/txt2img",
+            headers={"authorization": f"Bearer {KEY}"},
+            timeout=300,
+            json={"prompt": "a red fox", "width": 256, "height": 256, "seed": seed, **FAST},
+        ).content
+        for seed in (7, 8, 9)
+    ]
     assert images == singles
     assert len(set(images)) == 3
 

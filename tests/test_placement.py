@@ -11,8 +11,8 @@ import torch
 from models.artifact import load_pipeline
 from models.sizes import GIB, bytes_per_weight, expected_bytes
 from service.launcher import serve_command
-from service.runtime.placement import SAFETY_MARGIN, STRATEGIES, Placement, Plan, PlanError, plan_placement
 from service.runtime import placement as placement_module
+from service.runtime.placement import SAFETY_MARGIN, STRATEGIES, Placement, Plan, PlanError, plan_placement
 from service.runtime.prompts import PromptCache
 from service.runtime.render import Renderer
 from service.runtime.result import Status
@@ -25,8 +25,9 @@ COMPONENTS = ("transformer", "text_encoder_2", "text_encoder", "vae")
 def flux_dev_weights(weight_format: str) -> dict[str, int]:
     """FLUX.1-dev's bytes per component when the transformer and T5 are in `weight_format`."""
     quantized = bytes_per_weight(weight_format, double_quant=True)
-    return {c: expected_bytes("full", c, quantized if c in ("transformer", "text_encoder_2") else 2.0)
-            for c in COMPONENTS}
+    return {
+        c: expected_bytes("full", c, quantized if c in ("transformer", "text_encoder_2") else 2.0) for c in COMPONENTS
+    }
 
 
 # recipe, budget GB -> strategy, batch at 1024², VAE tiling from (for 1024² max resolution, batches up to 8)
@@ -56,8 +57,10 @@ def test_plans_for_flux_dev(recipe, budget_gb):
 
 def test_more_memory_never_needs_a_costlier_strategy():
     for recipe in ("int8", "int4", "nf4"):
-        ranks = [STRATEGIES.index(plan_placement(flux_dev_weights(recipe), gb * GIB, 2048, 8).strategy)
-                 for gb in (12, 16, 24, 40, 80)]
+        ranks = [
+            STRATEGIES.index(plan_placement(flux_dev_weights(recipe), gb * GIB, 2048, 8).strategy)
+            for gb in (12, 16, 24, 40, 80)
+        ]
         assert ranks == sorted(ranks, reverse=True)
 
 
@@ -68,8 +71,14 @@ def test_a_configuration_that_cannot_fit_is_refused():
 
 def test_the_service_stops_when_the_plan_does_not_fit(tiny_int8_tag):
     """The worker plans at start-up (not at import) and stops the whole server, naming the reason."""
-    result = run_module(*serve_command(free_port())[2:], env={"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GPU_MEMORY_GB": "0.5",
-                                                              "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}"})
+    result = run_module(
+        *serve_command(free_port())[2:],
+        env={
+            "FLUX_ARTIFACT": tiny_int8_tag,
+            "FLUX_GPU_MEMORY_GB": "0.5",
+            "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
+        },
+    )
     # BentoML names the worker's process "[:1]" or "[service:FluxWorker:1]", depending on the machine
     critical = rf"\[CRITICAL\] \[(service:FluxWorker)?:1\] {re.escape(tiny_int8_tag)}: 0\.5 GiB cannot render 2048²"
     assert re.search(critical, result.stdout + result.stderr), result.stdout[-2000:]
@@ -91,6 +100,7 @@ def count_calls(pipe, method: str, monkeypatch) -> list[int]:
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
+
     monkeypatch.setattr(pipe, method, counted)
     return calls
 
@@ -104,8 +114,9 @@ def test_prompt_cache_hit_skips_both_encoders_and_gives_the_same_image(tiny_pipe
     assert (len(t5_calls), len(clip_calls), cache.misses) == (1, 1, 2)
     again = images(renderer.render(requests("a red fox", "a blue jay")))
     assert (len(t5_calls), len(clip_calls), cache.hits) == (1, 1, 2)
-    uncached = images(Renderer(tiny_pipe, Placement.resident(torch.device("cpu"))).render(requests("a red fox",
-                                                                                                   "a blue jay")))
+    uncached = images(
+        Renderer(tiny_pipe, Placement.resident(torch.device("cpu"))).render(requests("a red fox", "a blue jay"))
+    )
     assert first == again == uncached
 
 

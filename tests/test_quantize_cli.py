@@ -6,8 +6,17 @@ from tests.conftest import run_module
 
 
 def test_quantize_prints_size_table_then_tag(tiny_source):
-    result = run_module("quantize", str(tiny_source), "--recipe", "int4", "--group-size", "64", "--name", "cli-check",
-                        "--skip-validation")
+    result = run_module(
+        "quantize",
+        str(tiny_source),
+        "--recipe",
+        "int4",
+        "--group-size",
+        "64",
+        "--name",
+        "cli-check",
+        "--skip-validation",
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     tag = lines[-1]
@@ -15,12 +24,13 @@ def test_quantize_prints_size_table_then_tag(tiny_source):
     assert any(line.startswith("│ transformer") and "qint4" in line for line in lines)
     model = bentoml.models.get(tag)
     assert model.info.labels == {"recipe": "int4", "backend": "quanto", "source": "flux-tiny", "variant": "dev"}
-    assert (model.path_of("manifest.json"))
+    assert model.path_of("manifest.json")
 
 
 def test_int8_and_int4_shrink_the_quantized_components(tiny_int8_tag, tiny_int4_tag):
-    from models.artifact import read_manifest
     from pathlib import Path
+
+    from models.artifact import read_manifest
 
     int8 = read_manifest(Path(bentoml.models.get(tiny_int8_tag).path))
     int4 = read_manifest(Path(bentoml.models.get(tiny_int4_tag).path))
@@ -61,8 +71,9 @@ def test_same_source_and_recipe_give_the_same_bytes(tiny_source, tiny_int8_tag):
 
     from models.artifact import read_manifest
 
-    again = run_module("quantize", str(tiny_source), "--recipe", "int8", "--name", "reproducible",
-                       "--validation-size", "64")
+    again = run_module(
+        "quantize", str(tiny_source), "--recipe", "int8", "--name", "reproducible", "--validation-size", "64"
+    )
     assert again.returncode == 0, again.stderr
     first = read_manifest(Path(bentoml.models.get(tiny_int8_tag).path))
     second = read_manifest(Path(bentoml.models.get(again.stdout.strip().splitlines()[-1]).path))
@@ -80,9 +91,14 @@ def test_an_interrupted_run_leaves_nothing_behind(medium_source, tmp_path):
 
     staging = tmp_path / "tmp"
     staging.mkdir()
-    process = subprocess.Popen([sys.executable, "-m", "quantize", str(medium_source), "--recipe", "int8", "--name", "cut"],
-                               cwd=REPO, env={**os.environ, "TMPDIR": str(staging)}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "quantize", str(medium_source), "--recipe", "int8", "--name", "cut"],
+        cwd=REPO,
+        env={**os.environ, "TMPDIR": str(staging)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in process.stderr:
         if "writing text_encoder_2" in line:
             process.send_signal(signal.SIGTERM)
@@ -112,8 +128,18 @@ def test_quality_gate_passes_records_metrics_and_a_contact_sheet(tiny_source):
 
     from models.artifact import read_manifest
 
-    result = run_module("quantize", str(tiny_source), "--recipe", "int8", "--name", "gated", "--min-psnr", "20",
-                        "--validation-size", "64")
+    result = run_module(
+        "quantize",
+        str(tiny_source),
+        "--recipe",
+        "int8",
+        "--name",
+        "gated",
+        "--min-psnr",
+        "20",
+        "--validation-size",
+        "64",
+    )
     assert result.returncode == 0, result.stderr
     assert "image PSNR" in result.stdout
     folder = Path(bentoml.models.get(result.stdout.strip().splitlines()[-1]).path)
@@ -126,8 +152,18 @@ def test_quality_gate_passes_records_metrics_and_a_contact_sheet(tiny_source):
 
 
 def test_quality_gate_fails_below_the_bar_and_stores_nothing(tiny_source):
-    result = run_module("quantize", str(tiny_source), "--recipe", "nf4", "--name", "below-bar", "--min-psnr", "99",
-                        "--validation-size", "64")
+    result = run_module(
+        "quantize",
+        str(tiny_source),
+        "--recipe",
+        "nf4",
+        "--name",
+        "below-bar",
+        "--min-psnr",
+        "99",
+        "--validation-size",
+        "64",
+    )
     assert result.returncode == 3
     assert "quality gate failed" in result.stderr and "nothing was stored" in result.stderr
     assert not [model for model in bentoml.models.list() if model.tag.name == "below-bar"]
@@ -150,8 +186,19 @@ def test_per_component_choice_of_what_to_quantize_and_what_to_keep(tiny_source):
 
     from models.artifact import load_pipeline, read_manifest
 
-    result = run_module("quantize", str(tiny_source), "--recipe", "int8", "--name", "tailored", "--components",
-                        "transformer", "--keep", "transformer=x_embedder,context_embedder", "--skip-validation")
+    result = run_module(
+        "quantize",
+        str(tiny_source),
+        "--recipe",
+        "int8",
+        "--name",
+        "tailored",
+        "--components",
+        "transformer",
+        "--keep",
+        "transformer=x_embedder,context_embedder",
+        "--skip-validation",
+    )
     assert result.returncode == 0, result.stderr
     folder = Path(bentoml.models.get(result.stdout.strip().splitlines()[-1]).path)
     manifest = read_manifest(folder)
@@ -193,15 +240,28 @@ def test_single_file_checkpoint_on_a_diffusers_base(single_file, medium_source, 
     from quantize.recipes import RECIPES, quantize_model
     from tests.test_artifact import transformer_inputs
 
-    result = run_module("quantize", str(single_file), "--base", str(medium_source), "--recipe", "int8",
-                        "--validation-size", "64", "--validation-steps", "2", "--min-psnr", "20")
+    result = run_module(
+        "quantize",
+        str(single_file),
+        "--base",
+        str(medium_source),
+        "--recipe",
+        "int8",
+        "--validation-size",
+        "64",
+        "--validation-steps",
+        "2",
+        "--min-psnr",
+        "20",
+    )
     assert result.returncode == 0, result.stderr
     tag = result.stdout.strip().splitlines()[-1]
     assert tag.startswith("flux1-medium-int8:")
     pipe, manifest = load_pipeline(Path(bentoml.models.get(tag).path))
     assert manifest.source == str(single_file) and "+sha256:" in manifest.source_revision
-    reference = FluxTransformer2DModel.from_single_file(str(single_file), config=str(medium_source),
-                                                        subfolder="transformer", dtype=torch.bfloat16).eval()
+    reference = FluxTransformer2DModel.from_single_file(
+        str(single_file), config=str(medium_source), subfolder="transformer", dtype=torch.bfloat16
+    ).eval()
     quantize_model(reference, "transformer", RECIPES["int8"])
     inputs = transformer_inputs(reference.config)
     with torch.no_grad():

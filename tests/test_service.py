@@ -63,9 +63,11 @@ def test_a_seed_gives_the_same_image_alone_or_in_a_batch(server):
 def test_mixed_shapes_in_one_batch_match_single_renders(tiny_int8_tag):
     pipe, _ = load_pipeline(bentoml.models.get(tiny_int8_tag).path)
     renderer = Renderer(pipe, Placement.resident(torch.device("cpu")))
-    requests = [WorkItem(prompt="a", seed=1, **SMALL),
-                WorkItem(prompt="b", seed=2, width=64, height=128, steps=2),
-                WorkItem(prompt="c", seed=3, **SMALL)]
+    requests = [
+        WorkItem(prompt="a", seed=1, **SMALL),
+        WorkItem(prompt="b", seed=2, width=64, height=128, steps=2),
+        WorkItem(prompt="c", seed=3, **SMALL),
+    ]
     batched = [result.image for result in renderer.render(requests)]
     assert batched == [renderer.render([request])[0].image for request in requests]
     assert Image.open(io.BytesIO(batched[1])).size == (64, 128)
@@ -90,8 +92,9 @@ def test_bad_input_is_a_4xx_naming_the_field(server, fields, field):
 
 
 def test_malformed_json_is_a_400_and_the_server_keeps_serving(server):
-    response = httpx.post(f"{server}/txt2img", content=b'{"prompt": "fox"', timeout=60,
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{server}/txt2img", content=b'{"prompt": "fox"', timeout=60, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400 and "JSON" in response.text
     assert_png(txt2img(server, prompt="still here", **SMALL), (128, 128))
 
@@ -102,7 +105,13 @@ def test_info_describes_the_served_artifact(server, tiny_int8_tag):
 
 
 def test_unknown_artifact_stops_the_server_with_a_clear_error():
-    result = subprocess.run(serve_command(free_port()), cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "FLUX_ARTIFACT": "no-such:v1"})
+    result = subprocess.run(
+        serve_command(free_port()),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "FLUX_ARTIFACT": "no-such:v1"},
+    )
     assert result.returncode != 0
     assert "FLUX_ARTIFACT='no-such:v1': no such model in the BentoML store" in result.stderr

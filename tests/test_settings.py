@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import aiohttp
 import pytest
 
-from service.fronts.remote import call_worker
+from service.gateway import call_worker
 from service.settings import Settings, settings
 from tests.conftest import REPO
 
@@ -26,8 +26,14 @@ print("imported", [name for name in service.service.FluxWorker.apis if name.star
 
 
 def test_importing_the_service_reads_no_manifest_and_queries_no_gpu(tiny_int8_tag):
-    result = subprocess.run([sys.executable, "-c", NOTHING_HEAVY_AT_IMPORT], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "FLUX_ARTIFACT": tiny_int8_tag}, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", NOTHING_HEAVY_AT_IMPORT],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FLUX_ARTIFACT": tiny_int8_tag},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "imported ['generate_1024'" in result.stdout
 
@@ -91,8 +97,9 @@ class Worker:
 
 def test_a_connection_that_was_never_made_is_retried_once():
     """With the exceptions of the client BentoML really uses to call the worker (aiohttp)."""
-    refused = aiohttp.ClientConnectorError(SimpleNamespace(host="worker", port=0, ssl=None),
-                                           ConnectionRefusedError(111, "Connection refused"))
+    refused = aiohttp.ClientConnectorError(
+        SimpleNamespace(host="worker", port=0, ssl=None), ConnectionRefusedError(111, "Connection refused")
+    )
     worker = Worker(refused)
     assert asyncio.run(call_worker(worker.generate)) == "image" and worker.calls == 2
 

@@ -44,9 +44,13 @@ def renderer(tag: str) -> Renderer:
 
 def test_unset_steps_and_guidance_take_the_served_variant_s_defaults(schnell_tag):
     schnell = renderer(schnell_tag)
-    unset, explicit, fewer = schnell.render([WorkItem(prompt="fox", seed=3, **SMALL),
-                                             WorkItem(prompt="fox", seed=3, steps=4, guidance=0.0, **SMALL),
-                                             WorkItem(prompt="fox", seed=3, steps=2, **SMALL)])
+    unset, explicit, fewer = schnell.render(
+        [
+            WorkItem(prompt="fox", seed=3, **SMALL),
+            WorkItem(prompt="fox", seed=3, steps=4, guidance=0.0, **SMALL),
+            WorkItem(prompt="fox", seed=3, steps=2, **SMALL),
+        ]
+    )
     assert unset.ok and unset.image == explicit.image != fewer.image
     assert schnell.variant is VARIANTS["schnell"] and schnell.variant.max_sequence_length == 256
 
@@ -77,11 +81,14 @@ def test_the_server_serves_schnell_with_its_own_defaults(schnell_server):
     assert FluxGrpcClient(grpc_address).generate(request).image == unset.content
 
 
-@pytest.mark.parametrize("fields, field, phrase", [
-    ({"guidance": 3.5}, "guidance", "FLUX.1-schnell has no guidance embedding"),
-    ({"steps": 20}, "steps", "at most 12"),
-    ({"prompt": "fox " * 300}, "prompt", "256 T5 tokens"),
-])
+@pytest.mark.parametrize(
+    "fields, field, phrase",
+    [
+        ({"guidance": 3.5}, "guidance", "FLUX.1-schnell has no guidance embedding"),
+        ({"steps": 20}, "steps", "at most 12"),
+        ({"prompt": "fox " * 300}, "prompt", "256 T5 tokens"),
+    ],
+)
 def test_a_dev_only_request_on_schnell_is_a_400_naming_the_field(schnell_server, fields, field, phrase):
     url, grpc_address = schnell_server
     response = txt2img(url, **({"prompt": "fox"} | fields), **SMALL)
@@ -90,7 +97,6 @@ def test_a_dev_only_request_on_schnell_is_a_400_naming_the_field(schnell_server,
     with pytest.raises(grpc.RpcError) as error:
         FluxGrpcClient(grpc_address).generate(GenerationRequest(**({"prompt": "fox"} | fields), **SMALL))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and phrase in error.value.details()
-    openai = httpx.post(f"{url}/v1/images/generations", timeout=60,
-                        json={"prompt": "fox", "size": "256x256"} | fields)
+    openai = httpx.post(f"{url}/v1/images/generations", timeout=60, json={"prompt": "fox", "size": "256x256"} | fields)
     assert openai.status_code == 400 and openai.json()["error"]["param"] == field, openai.text
     assert txt2img(url, prompt="fox", **SMALL).status_code == 200

@@ -33,8 +33,9 @@ class BearerAuth:
         authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         if key_accepted(authorization, self.keys):
             return await self.app(scope, receive, send)
-        body = {"error": {"message": MESSAGE, "type": "invalid_request_error", "param": None,
-                          "code": "invalid_api_key"}}
+        body = {
+            "error": {"message": MESSAGE, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
+        }
         await JSONResponse(body, status_code=401, headers={"www-authenticate": "Bearer"})(scope, receive, send)
 
 

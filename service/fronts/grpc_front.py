@@ -10,22 +10,28 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
 from service.fronts.auth import GrpcBearerAuth
-from service.fronts.gateway import Gateway, Rejected
 from service.fronts.outcomes import grpc_code
 from service.fronts.stubs import JOBS_SERVICE_NAME, SERVICE_NAME, messages, services
+from service.gateway import Gateway, Rejected
 from service.observe import REQUEST_ID_HEADER, new_request_id
 from service.runtime.result import Result
 from service.schema import GenerationRequest, ImageFormat, WorkItem, field_path
 from service.settings import Settings
 
 PROGRESS_POLL_S = 0.2
-FORMATS = {messages.IMAGE_FORMAT_PNG: ImageFormat.png, messages.IMAGE_FORMAT_JPEG: ImageFormat.jpeg,
-           messages.IMAGE_FORMAT_WEBP: ImageFormat.webp}
+FORMATS = {
+    messages.IMAGE_FORMAT_PNG: ImageFormat.png,
+    messages.IMAGE_FORMAT_JPEG: ImageFormat.jpeg,
+    messages.IMAGE_FORMAT_WEBP: ImageFormat.webp,
+}
 MB = 1024 * 1024
 
 
 def message_limits(max_send_mb: int, max_receive_mb: int) -> list[tuple[str, int]]:
-    return [("grpc.max_send_message_length", max_send_mb * MB), ("grpc.max_receive_message_length", max_receive_mb * MB)]
+    return [
+        ("grpc.max_send_message_length", max_send_mb * MB),
+        ("grpc.max_receive_message_length", max_receive_mb * MB),
+    ]
 
 
 def describe(error: ValidationError) -> str:
@@ -37,8 +43,11 @@ def request_fields(request) -> dict:
     unknown = sorted({field.field_number for field in UnknownFieldSet(request)})
     if unknown:
         raise Rejected("refused", f"unknown fields (numbers {unknown}) in flux.v1.GenerateRequest")
-    fields = {name: getattr(request, name) for name in GenerationRequest.model_fields
-              if name not in ("format", "loras") and (name == "prompt" or request.HasField(name))}
+    fields = {
+        name: getattr(request, name)
+        for name in GenerationRequest.model_fields
+        if name not in ("format", "loras") and (name == "prompt" or request.HasField(name))
+    }
     loras = [{"name": lora.name, **({"scale": lora.scale} if lora.HasField("scale") else {})} for lora in request.loras]
     return fields | {"format": FORMATS[request.format], "loras": loras}
 
@@ -48,8 +57,13 @@ def work_item(request, rid: str, context) -> WorkItem:
     fields = request_fields(request)
     remaining = context.time_remaining()
     try:
-        return WorkItem(**fields, protocol="grpc", request_id=rid,
-                        arrived=time.time(), deadline=time.time() + remaining if remaining is not None else None)
+        return WorkItem(
+            **fields,
+            protocol="grpc",
+            request_id=rid,
+            arrived=time.time(),
+            deadline=time.time() + remaining if remaining is not None else None,
+        )
     except ValidationError as error:
         raise Rejected("refused", describe(error)) from None
 
@@ -110,13 +124,22 @@ class TextToImage(services.TextToImageServicer):
 class GrpcFront:
     """The gRPC server beside BentoML's HTTP server: health follows readiness and shutdown."""
 
-    def __init__(self, gateway: Gateway, settings: Settings, api_keys: tuple[str, ...] = (),
-                 jobs: services.JobsServicer | None = None) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        settings: Settings,
+        api_keys: tuple[str, ...] = (),
+        jobs: services.JobsServicer | None = None,
+    ) -> None:
         """`jobs`: the flux.v1.Jobs servicer, when the jobs API is on."""
         self.settings = settings
-        self.server = grpc.aio.server(interceptors=[GrpcBearerAuth(api_keys)] if api_keys else [],
-                                      options=[("grpc.so_reuseport", 0),
-                                               *message_limits(settings.grpc_max_send_mb, settings.grpc_max_receive_mb)])
+        self.server = grpc.aio.server(
+            interceptors=[GrpcBearerAuth(api_keys)] if api_keys else [],
+            options=[
+                ("grpc.so_reuseport", 0),
+                *message_limits(settings.grpc_max_send_mb, settings.grpc_max_receive_mb),
+            ],
+        )
         self.health = health.aio.HealthServicer()
         self.servicer = TextToImage(gateway, settings.max_in_flight)
         services.add_TextToImageServicer_to_server(self.servicer, self.server)
@@ -133,8 +156,10 @@ class GrpcFront:
         try:
             self.server.add_insecure_port(self.settings.grpc_address)
         except RuntimeError as error:
-            raise SystemExit(f"FLUX_GRPC_ADDRESS={self.settings.grpc_address}: cannot listen ({error}); "
-                             f"is another server on that port?") from None
+            raise SystemExit(
+                f"FLUX_GRPC_ADDRESS={self.settings.grpc_address}: cannot listen ({error}); "
+                f"is another server on that port?"
+            ) from None
         await self.server.start()
         self.readiness = asyncio.ensure_future(self._serve_when_ready())
 

@@ -2,10 +2,10 @@
 
 from pydantic import ValidationError
 
-from service.fronts.gateway import Rejected
 from service.fronts.grpc_front import describe, request_fields
 from service.fronts.outcomes import grpc_code
 from service.fronts.stubs import messages, services
+from service.gateway import Rejected
 from service.jobs.engine import JobEngine
 from service.jobs.records import Job, JobRequest
 
@@ -16,8 +16,11 @@ class Jobs(services.JobsServicer):
 
     async def SubmitJob(self, request, context):
         try:
-            body = JobRequest(**request_fields(request.request), webhook=request.webhook or None,
-                              webhook_events=list(request.webhook_events) or ["completed"])
+            body = JobRequest(
+                **request_fields(request.request),
+                webhook=request.webhook or None,
+                webhook_events=list(request.webhook_events) or ["completed"],
+            )
         except ValidationError as error:
             return await context.abort(grpc_code("refused"), describe(error))
         except Rejected as error:
@@ -46,8 +49,16 @@ class Jobs(services.JobsServicer):
     async def _message(self, job: Job):
         view = await self.engine.view(job)
         result, error = view["result"] or {}, view["error"] or {}
-        return messages.Job(id=job.id, status=messages.JobStatus.Value(f"JOB_STATUS_{job.status.upper()}"),
-                            step=job.step, total_steps=job.total, result_url=result.get("url", ""),
-                            result_expires_at=result.get("expires_at", 0), media_type=job.media_type,
-                            outcome=error.get("outcome", ""), error=error.get("message", ""), created=job.created,
-                            updated=job.updated)
+        return messages.Job(
+            id=job.id,
+            status=messages.JobStatus.Value(f"JOB_STATUS_{job.status.upper()}"),
+            step=job.step,
+            total_steps=job.total,
+            result_url=result.get("url", ""),
+            result_expires_at=result.get("expires_at", 0),
+            media_type=job.media_type,
+            outcome=error.get("outcome", ""),
+            error=error.get("message", ""),
+            created=job.created,
+            updated=job.updated,
+        )

@@ -7,7 +7,7 @@ import bentoml
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
-from service.fronts.gateway import Rejected
+from service.gateway import Rejected
 from service.jobs.engine import JobEngine
 from service.jobs.records import Job, JobRequest
 
@@ -19,8 +19,9 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 def engine() -> JobEngine:
     jobs = bentoml.get_current_service().jobs
     if jobs is None:
-        raise Rejected("not_found", "the jobs API is off on this server (it needs FLUX_JOBS_REDIS_URL and "
-                                    "FLUX_RESULTS_URL)")
+        raise Rejected(
+            "not_found", "the jobs API is off on this server (it needs FLUX_JOBS_REDIS_URL and FLUX_RESULTS_URL)"
+        )
     return jobs
 
 
@@ -38,10 +39,11 @@ async def answer(jobs: JobEngine, job: Job) -> JSONResponse:
 
 
 @router.post("", status_code=202, summary="Queue a txt2img request; the result lands in object storage")
-async def submit_job(body: JobRequest,
-                     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-                     prefer: Annotated[str | None, Header(description="wait=N: answer when done, up to N s")] = None,
-                     ) -> JSONResponse:
+async def submit_job(
+    body: JobRequest,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    prefer: Annotated[str | None, Header(description="wait=N: answer when done, up to N s")] = None,
+) -> JSONResponse:
     jobs = engine()
     job = await jobs.submit(body, idempotency_key)
     if wait_s := wait_seconds(prefer):

@@ -15,8 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.fronts.gateway import Gateway, Rejected
 from service.fronts.outcomes import http_status
+from service.gateway import Gateway, Rejected
 from service.jobs.results import ResultStore
 from service.observe import REQUEST_ID_HEADER, new_request_id
 from service.runtime.result import Result
@@ -38,10 +38,12 @@ class ImagesRequest(BaseModel):
     output_format: ImageFormat = ImageFormat.png
     output_compression: Annotated[int, Field(ge=1, le=100, description="JPEG/WebP quality")] = 90
     user: str | None = None
-    steps: Annotated[int | None, Field(ge=1, le=100, description="extension: denoising steps (unset: the served "
-                                       "model's default)")] = None
-    guidance: Annotated[float | None, Field(ge=0.0, le=20.0, description="extension: guidance scale, FLUX.1-dev "
-                                            "only (unset: 3.5)")] = None
+    steps: Annotated[
+        int | None, Field(ge=1, le=100, description="extension: denoising steps (unset: the served model's default)")
+    ] = None
+    guidance: Annotated[
+        float | None, Field(ge=0.0, le=20.0, description="extension: guidance scale, FLUX.1-dev only (unset: 3.5)")
+    ] = None
     seed: Annotated[int, Field(ge=0, lt=2**63, description="extension: seed of the first image")] = 0
     loras: Annotated[list[LoraWeight], Field(max_length=MAX_LORAS, description="extension: LoRA stack")] = []
 
@@ -62,7 +64,8 @@ class OpenAIError(Exception):
 def param_of(field: str | None) -> str | None:
     """Our field names as the OpenAI request calls them."""
     return {"width": "size", "height": "size", "quality": "output_compression", "format": "output_format"}.get(
-        field, field)
+        field, field
+    )
 
 
 def served_model() -> bentoml.models.Model:
@@ -71,20 +74,36 @@ def served_model() -> bentoml.models.Model:
 
 def work_items(body: ImagesRequest, rid: str) -> list[WorkItem]:
     if body.response_format == "url" and bentoml.get_current_service().results is None:
-        raise OpenAIError(400, "response_format 'url' needs a results store (FLUX_RESULTS_URL); none is configured "
-                          "on this server", "response_format", "unsupported_value")
+        raise OpenAIError(
+            400,
+            "response_format 'url' needs a results store (FLUX_RESULTS_URL); none is configured on this server",
+            "response_format",
+            "unsupported_value",
+        )
     width, height = map(int, body.size.split("x"))
     try:
-        request = GenerationRequest(prompt=body.prompt, width=width, height=height, steps=body.steps,
-                                    guidance=body.guidance, seed=body.seed, format=body.output_format,
-                                    quality=body.output_compression, loras=body.loras)
+        request = GenerationRequest(
+            prompt=body.prompt,
+            width=width,
+            height=height,
+            steps=body.steps,
+            guidance=body.guidance,
+            seed=body.seed,
+            format=body.output_format,
+            quality=body.output_compression,
+            loras=body.loras,
+        )
     except ValidationError as error:
         first = error.errors()[0]
         param = param_of(str(first["loc"][0]))
         raise OpenAIError(400, f"{param}: {first['msg']}", param, "invalid_value") from None
     arrived = time.time()
-    return [WorkItem(**request.model_dump(), protocol="openai", request_id=rid, arrived=arrived)
-            .model_copy(update={"seed": body.seed + k}) for k in range(body.n)]
+    return [
+        WorkItem(**request.model_dump(), protocol="openai", request_id=rid, arrived=arrived).model_copy(
+            update={"seed": body.seed + k}
+        )
+        for k in range(body.n)
+    ]
 
 
 async def image_data(results: list[Result], body: ImagesRequest, rid: str) -> list[dict]:
@@ -101,8 +120,7 @@ async def images_response(results: list[Result], body: ImagesRequest, rid: str) 
     if failed is not None:
         raise OpenAIError(http_status(failed.status), failed.reason, failed.field, failed.status)
     data = await image_data(results, body, rid)
-    return {"created": int(time.time()), "data": data, "output_format": body.output_format.value,
-            "size": body.size}
+    return {"created": int(time.time()), "data": data, "output_format": body.output_format.value, "size": body.size}
 
 
 router = APIRouter()
@@ -111,8 +129,7 @@ router = APIRouter()
 async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0]
     field = field_path(tuple(part for part in first["loc"] if part != "body")) or None
-    return OpenAIError(400, f"{field}: {first['msg']}" if field else first["msg"], field,
-                       "invalid_value").response()
+    return OpenAIError(400, f"{field}: {first['msg']}" if field else first["msg"], field, "invalid_value").response()
 
 
 def as_openai_error(error: Rejected, param: str | None) -> OpenAIError:
@@ -142,13 +159,16 @@ async def generate_images(body: ImagesRequest, request: Request) -> JSONResponse
 def check_model(name: str | None) -> None:
     model = served_model()
     if name not in (None, model.tag.name, str(model.tag)):
-        raise OpenAIError(404, f"The model '{name}' does not exist; this server serves '{model.tag.name}'",
-                          "model", "model_not_found")
+        raise OpenAIError(
+            404, f"The model '{name}' does not exist; this server serves '{model.tag.name}'", "model", "model_not_found"
+        )
 
 
 @router.get("/models")
 async def list_models() -> dict:
     model = served_model()
     created = int(model.info.creation_time.timestamp())
-    return {"object": "list", "data": [{"id": model.tag.name, "object": "model", "created": created,
-                                        "owned_by": OWNER}]}
+    return {
+        "object": "list",
+        "data": [{"id": model.tag.name, "object": "model", "created": created, "owned_by": OWNER}],
+    }

@@ -23,13 +23,6 @@ OUTCOMES: dict[str, tuple[int, grpc.StatusCode]] = {
     "already_completed": (HTTPStatus.CONFLICT, grpc.StatusCode.FAILED_PRECONDITION),  # cancel of a finished job
     "unavailable": (HTTPStatus.SERVICE_UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),  # the job queue is unreachable
 }
-_BY_WORKER_STATUS = {HTTPStatus.TOO_MANY_REQUESTS: "overloaded", HTTPStatus.SERVICE_UNAVAILABLE: "queue_full",
-                     HTTPStatus.GATEWAY_TIMEOUT: "timeout"}
-
-
-def outcome_of_worker_error(error: Exception) -> str:
-    """A failed call to the worker (BentoML raises an exception carrying the HTTP status) as an outcome."""
-    return _BY_WORKER_STATUS.get(getattr(error, "error_code", None), "error")
 
 
 def http_status(outcome: str) -> int:

@@ -5,7 +5,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from service.fronts import jobs_front, openai_front
-from service.fronts.gateway import Rejected
+from service.gateway import Rejected
 
 app = FastAPI(title="flux-serve /v1: OpenAI-compatible Images API and async jobs")
 app.include_router(openai_front.router)

@@ -8,7 +8,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 
-from service.fronts.gateway import Gateway, Rejected
+from service.gateway import Gateway, Rejected
 from service.jobs.queue import JobQueue, QueueDown
 from service.jobs.records import Job, JobRequest
 from service.jobs.results import ResultStore, job_view
@@ -24,11 +24,13 @@ class JobEngine:
     def __init__(self, settings: Settings, gateway: Gateway, results: ResultStore) -> None:
         url = settings.jobs_redis_url
         self.where = f"redis://{url.host}:{url.port or 6379}"  # for messages: no password
-        self.queue = JobQueue(str(url), settings.jobs_stream, f"{socket.gethostname()}-{os.getpid()}",
-                              settings.jobs_retention_s)
+        self.queue = JobQueue(
+            str(url), settings.jobs_stream, f"{socket.gethostname()}-{os.getpid()}", settings.jobs_retention_s
+        )
         self.results = results
-        self.webhooks = Webhooks(settings.webhook_hosts, settings.webhook_secret, settings.webhook_attempts,
-                                 settings.webhook_backoff_s)
+        self.webhooks = Webhooks(
+            settings.webhook_hosts, settings.webhook_secret, settings.webhook_attempts, settings.webhook_backoff_s
+        )
         self.gateway = gateway
         self.runner = JobRunner(self.queue, self.results, self.webhooks, gateway, settings)
 
@@ -60,8 +62,13 @@ class JobEngine:
         except Refused as error:
             raise Rejected("refused", error.message, error.field) from None
         item = self.gateway.check([WorkItem(**generation.model_dump())])[0]
-        job = Job(id=uuid.uuid4().hex, request=generation, total=item.steps,
-                  webhook=str(request.webhook or ""), webhook_events=request.webhook_events)
+        job = Job(
+            id=uuid.uuid4().hex,
+            request=generation,
+            total=item.steps,
+            webhook=str(request.webhook or ""),
+            webhook_events=request.webhook_events,
+        )
         return await self._redis(self.queue.submit(job, idempotency_key))
 
     async def get(self, job_id: str) -> Job:

@@ -52,9 +52,15 @@ class Delivery:
 class JobQueue:
     def __init__(self, url: str, stream: str, consumer: str, retention_s: int) -> None:
         # A command on a connection Redis closed (it restarted) is sent again on a fresh one.
-        self.redis = redis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=10,
-                                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-                                    retry_on_error=[ConnectionError, TimeoutError], health_check_interval=5)
+        self.redis = redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=2,
+            socket_timeout=10,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            retry_on_error=[ConnectionError, TimeoutError],
+            health_check_interval=5,
+        )
         self.stream, self.consumer, self.retention_s = stream, consumer, retention_s
         self._start, self._cancel = self.redis.register_script(START), self.redis.register_script(CANCEL)
 
@@ -79,8 +85,9 @@ class JobQueue:
     async def submit(self, job: Job, idempotency_key: str | None) -> Job:
         """Record and enqueue `job`; with a key seen before (within the retention), the job it made."""
         if idempotency_key:
-            claimed = await self.call(self.redis.set(f"flux:idempotency:{idempotency_key}", job.id, nx=True,
-                                                     ex=self.retention_s))
+            claimed = await self.call(
+                self.redis.set(f"flux:idempotency:{idempotency_key}", job.id, nx=True, ex=self.retention_s)
+            )
             if not claimed:
                 earlier = await self.call(self.redis.get(f"flux:idempotency:{idempotency_key}"))
                 return await self.get(earlier) or job
@@ -96,16 +103,18 @@ class JobQueue:
 
     async def read(self, count: int, block_ms: int) -> list[Delivery]:
         """Up to `count` entries no consumer has read yet, waiting up to `block_ms` for one."""
-        answer = await self.call(self.redis.xreadgroup(GROUP, self.consumer, {self.stream: ">"}, count=count,
-                                                       block=block_ms))
+        answer = await self.call(
+            self.redis.xreadgroup(GROUP, self.consumer, {self.stream: ">"}, count=count, block=block_ms)
+        )
         return [Delivery(entry, fields.get("job", "")) for _, entries in answer or [] for entry, fields in entries]
 
     async def reclaim(self, idle_s: float, count: int) -> list[Delivery]:
         """Entries other consumers left idle longer than `idle_s` (their replica died), now ours."""
         idle_ms = int(idle_s * 1000)
         try:
-            _, claimed, *_ = await self.call(self.redis.xautoclaim(self.stream, GROUP, self.consumer, idle_ms,
-                                                                    count=count))
+            _, claimed, *_ = await self.call(
+                self.redis.xautoclaim(self.stream, GROUP, self.consumer, idle_ms, count=count)
+            )
         except QueueDown as error:
             if "unknown command" not in str(error).lower():
                 raise
@@ -113,8 +122,9 @@ class JobQueue:
         deliveries = []
         for entry, fields in claimed:
             pending = await self.call(self.redis.xpending_range(self.stream, GROUP, entry, entry, 1))
-            deliveries.append(Delivery(entry, (fields or {}).get("job", ""),
-                                       pending[0]["times_delivered"] if pending else 1))
+            deliveries.append(
+                Delivery(entry, (fields or {}).get("job", ""), pending[0]["times_delivered"] if pending else 1)
+            )
         return deliveries
 
     async def _claim_idle(self, idle_ms: int, count: int) -> list:
@@ -140,8 +150,14 @@ class JobQueue:
     async def finish(self, job_id: str, status: JobStatus, **fields) -> None:
         """The job's final state; its record expires after the retention."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.key(job_id), mapping={"status": status.value, "updated": time.time(),
-                                                 **{name: str(value) for name, value in fields.items()}})
+            pipe.hset(
+                self.key(job_id),
+                mapping={
+                    "status": status.value,
+                    "updated": time.time(),
+                    **{name: str(value) for name, value in fields.items()},
+                },
+            )
             pipe.expire(self.key(job_id), self.retention_s)
             await self.call(pipe.execute())
 
@@ -178,4 +194,3 @@ class JobQueue:
 
     async def close(self) -> None:
         await self.redis.aclose()
-

@@ -25,9 +25,12 @@ WebhookEvent = Literal["started", "completed"]
 class JobRequest(GenerationRequest):
     """The txt2img body, plus where to report the job's end (and optionally its start)."""
 
-    webhook: Annotated[HttpUrl | None, Field(description="POSTed the job record, signed (hosts: FLUX_WEBHOOK_HOSTS)")] = None
+    webhook: Annotated[
+        HttpUrl | None, Field(description="POSTed the job record, signed (hosts: FLUX_WEBHOOK_HOSTS)")
+    ] = None
     webhook_events: Annotated[list[WebhookEvent], Field(min_length=1, description="when to call the webhook")] = [
-        "completed"]
+        "completed"
+    ]
 
     def generation(self) -> GenerationRequest:
         return GenerationRequest(**self.model_dump(exclude={"webhook", "webhook_events"}))
@@ -58,12 +61,18 @@ class Job(BaseModel):
     def to_hash(self) -> dict[str, str]:
         """Every field as a string, the way a Redis hash holds it."""
         values = self.model_dump(mode="json")
-        return {name: json.dumps(value) if isinstance(value, (dict, list)) else str(int(value) if isinstance(
-            value, bool) else value) for name, value in values.items()}
+        return {
+            name: json.dumps(value)
+            if isinstance(value, (dict, list))
+            else str(int(value) if isinstance(value, bool) else value)
+            for name, value in values.items()
+        }
 
     @classmethod
     def from_hash(cls, fields: dict[str, str]) -> "Job":
-        values = {name: json.loads(value) if name in ("request", "webhook_events") else value
-                  for name, value in fields.items()}
+        values = {
+            name: json.loads(value) if name in ("request", "webhook_events") else value
+            for name, value in fields.items()
+        }
         values |= {name: values.get(name) == "1" for name in ("webhook_sent", "cancel_requested")}
         return cls.model_validate(values)

@@ -38,6 +38,13 @@ async def job_view(job: Job, store: ResultStore) -> dict:
         url, expires_at = await store.presigned(job.result_key)
         result = {"url": url, "expires_at": expires_at, "media_type": job.media_type}
     error = {"outcome": job.outcome, "message": job.error} if job.error else None
-    return {"id": job.id, "status": job.status.value, "created": job.created, "updated": job.updated,
-            "progress": {"step": job.step, "total": job.total}, "result": result, "error": error,
-            "webhook": job.webhook or None}
+    return {
+        "id": job.id,
+        "status": job.status.value,
+        "created": job.created,
+        "updated": job.updated,
+        "progress": {"step": job.step, "total": job.total},
+        "result": result,
+        "error": error,
+        "webhook": job.webhook or None,
+    }

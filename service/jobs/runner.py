@@ -5,7 +5,7 @@ import asyncio
 import json
 import time
 
-from service.fronts.gateway import Gateway, Rejected
+from service.gateway import Gateway, Rejected
 from service.jobs.queue import Delivery, JobQueue, QueueDown
 from service.jobs.records import FINISHED, Job, JobStatus
 from service.jobs.results import ResultStore, job_view
@@ -21,8 +21,9 @@ RETRY_S = 1.0  # wait between attempts while Redis is unreachable
 
 
 class JobRunner:
-    def __init__(self, queue: JobQueue, results: ResultStore, webhooks: Webhooks, gateway: Gateway,
-                 settings: Settings) -> None:
+    def __init__(
+        self, queue: JobQueue, results: ResultStore, webhooks: Webhooks, gateway: Gateway, settings: Settings
+    ) -> None:
         self.queue, self.results, self.webhooks, self.gateway = queue, results, webhooks, gateway
         self.slots, self.heartbeat_s = settings.jobs_in_flight, settings.jobs_heartbeat_s
         self.max_deliveries = settings.jobs_max_deliveries
@@ -123,15 +124,21 @@ class JobRunner:
         if found is None or found in FINISHED:
             return None
         if delivery.deliveries > self.max_deliveries:
-            await self._retrying(self.queue.finish, delivery.job_id, JobStatus.failed, outcome="error",
-                                 error=f"given up after {delivery.deliveries} deliveries: the replicas rendering it "
-                                       f"stopped answering each time")
+            await self._retrying(
+                self.queue.finish,
+                delivery.job_id,
+                JobStatus.failed,
+                outcome="error",
+                error=f"given up after {delivery.deliveries} deliveries: the replicas rendering it "
+                f"stopped answering each time",
+            )
             JOBS_FINISHED.labels(status=JobStatus.failed.value).inc()
             return None
         job = await self._retrying(self.queue.get, delivery.job_id)
         if job.cancel_requested:
-            await self._retrying(self.queue.finish, job.id, JobStatus.cancelled, outcome="cancelled",
-                                 error="cancelled while running")
+            await self._retrying(
+                self.queue.finish, job.id, JobStatus.cancelled, outcome="cancelled", error="cancelled while running"
+            )
             return None
         return job
 

@@ -70,8 +70,11 @@ class Webhooks:
                 if attempt:
                     await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
                 timestamp = int(time.time())
-                headers = {"content-type": "application/json", ID_HEADER: event_id,
-                           SIGNATURE_HEADER: f"t={timestamp},v1={sign(self.secret or '', timestamp, body)}"}
+                headers = {
+                    "content-type": "application/json",
+                    ID_HEADER: event_id,
+                    SIGNATURE_HEADER: f"t={timestamp},v1={sign(self.secret or '', timestamp, body)}",
+                }
                 try:
                     answer = await client.post(url, content=body, headers=headers)
                     if answer.is_success:

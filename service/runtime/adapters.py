@@ -34,8 +34,14 @@ class AdapterCache:
     """Adapters resident on the device, least recently used evicted first, within `max_bytes`. `find` gives
     the stored folder of an adapter name (NAME: its latest version) or None; `names` what requests may use."""
 
-    def __init__(self, find: Callable[[str], Path | None], names: Callable[[], list[str]], max_bytes: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        find: Callable[[str], Path | None],
+        names: Callable[[], list[str]],
+        max_bytes: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         self.find, self.names, self.max_bytes, self.device, self.dtype = find, names, max_bytes, device, dtype
         self.entries: OrderedDict[Path, Pairs] = OrderedDict()  # by stored folder: a new version is a new entry
         self.bytes = 0
@@ -44,8 +50,11 @@ class AdapterCache:
         """Why `item`'s stack cannot run here (an adapter name this store does not have), else None."""
         for index, lora in enumerate(item.loras):
             if self.find(lora.name) is None:
-                return failure(Status.refused, f"no LoRA adapter {lora.name!r} for this artifact (available: "
-                               f"{', '.join(self.names()) or 'none'})", field=f"loras[{index}].name")
+                return failure(
+                    Status.refused,
+                    f"no LoRA adapter {lora.name!r} for this artifact (available: {', '.join(self.names()) or 'none'})",
+                    field=f"loras[{index}].name",
+                )
         return None
 
     def stacks(self, items: list[WorkItem]) -> list[Stack]:
@@ -66,8 +75,10 @@ class AdapterCache:
         LORA_CACHE.labels(result="miss").inc()
         started = time.perf_counter()
         _, pairs = load_adapter(folder)
-        self.entries[folder] = {module: LowRank(pair.down.to(self.device, self.dtype), pair.up.to(self.device, self.dtype),
-                                              pair.scale) for module, pair in pairs.items()}
+        self.entries[folder] = {
+            module: LowRank(pair.down.to(self.device, self.dtype), pair.up.to(self.device, self.dtype), pair.scale)
+            for module, pair in pairs.items()
+        }
         self.bytes += pair_bytes(self.entries[folder])
         LORA_LOAD_SECONDS.observe(time.perf_counter() - started)
 
@@ -77,17 +88,21 @@ class AdapterCache:
                 break
             self.bytes -= pair_bytes(self.entries.pop(name))
         if self.bytes > self.max_bytes:
-            logger.warning("one batch's LoRA adapters take %.0f MB, over FLUX_LORA_CACHE_MB (%.0f MB)",
-                           self.bytes / 2**20, self.max_bytes / 2**20)
+            logger.warning(
+                "one batch's LoRA adapters take %.0f MB, over FLUX_LORA_CACHE_MB (%.0f MB)",
+                self.bytes / 2**20,
+                self.max_bytes / 2**20,
+            )
 
 
-def add_low_rank(updates: list[tuple[int, LowRank, float]], module: torch.nn.Module, args: tuple,
-                 output: torch.Tensor) -> torch.Tensor:
+def add_low_rank(
+    updates: list[tuple[int, LowRank, float]], module: torch.nn.Module, args: tuple, output: torch.Tensor
+) -> torch.Tensor:
     """Forward hook: row `row` of the output gains scale · B(A(x)) for each (row, pair, scale)."""
     inputs = args[0]
     for row, pair, scale in updates:
-        x = inputs[row:row + 1].to(pair.down.dtype)
-        output[row:row + 1] += (F.linear(F.linear(x, pair.down), pair.up) * scale).to(output.dtype)
+        x = inputs[row : row + 1].to(pair.down.dtype)
+        output[row : row + 1] += (F.linear(F.linear(x, pair.down), pair.up) * scale).to(output.dtype)
     return output
 
 
@@ -99,11 +114,12 @@ def stacks_applied(transformer: torch.nn.Module, stacks: list[Stack]):
         for pairs, weight in stack:
             for module, pair in pairs.items():
                 updates[module].append((row, pair, weight * pair.scale))
-    handles = [transformer.get_submodule(module).register_forward_hook(partial(add_low_rank, rows))
-               for module, rows in updates.items()]
+    handles = [
+        transformer.get_submodule(module).register_forward_hook(partial(add_low_rank, rows))
+        for module, rows in updates.items()
+    ]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
-

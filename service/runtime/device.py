@@ -34,3 +34,10 @@ def device_responds(device: torch.device) -> bool:
     else:
         value = (torch.ones(1, device=device) + 1).item()
     return value == 2.0
+
+
+def peak_memory(device: torch.device) -> dict[str, int] | None:
+    """The device's peak allocated and reserved bytes since start (None on a CPU)."""
+    if device.type != "cuda":
+        return None
+    return {"allocated": torch.cuda.max_memory_allocated(device), "reserved": torch.cuda.max_memory_reserved(device)}

@@ -15,9 +15,7 @@ import bitsandbytes as bnb
 import torch
 from diffusers import FluxPipeline
 
-from models.sizes import (CUDA_CONTEXT, GIB, T5_ACTIVATIONS, resident_peak_bytes, transformer_activations,
-                          vae_decode)
-
+from models.sizes import CUDA_CONTEXT, GIB, T5_ACTIVATIONS, resident_peak_bytes, transformer_activations, vae_decode
 from service.settings import RESOLUTION_BUCKETS as RESOLUTIONS
 
 SAFETY_MARGIN = int(0.5 * GIB)
@@ -57,27 +55,43 @@ def peak(strategy: str, weights: dict[str, int], resolution: int, batch: int, ti
     return small + largest_block + denoise
 
 
-def plan_placement(weights: dict[str, int], budget_bytes: int, max_resolution: int, max_batch: int,
-                   hidden: int = 3072, reserved_bytes: int = 0) -> Plan:
+def plan_placement(
+    weights: dict[str, int],
+    budget_bytes: int,
+    max_resolution: int,
+    max_batch: int,
+    hidden: int = 3072,
+    reserved_bytes: int = 0,
+) -> Plan:
     """The cheapest strategy that renders `max_resolution` at batch 1, and its safe batch per resolution,
     with `reserved_bytes` (the LoRA cache) held back from the budget."""
     usable = budget_bytes - SAFETY_MARGIN - reserved_bytes
     resolutions = sorted({r for r in RESOLUTIONS if r < max_resolution} | {max_resolution})
     for strategy in STRATEGIES:
-        tiling_above = next((r for r in resolutions
-                             if peak(strategy, weights, r, 1, False, hidden) > usable), None)
-        fits = lambda r, b: peak(strategy, weights, r, b, tiling_above is not None and r >= tiling_above,  # noqa: E731
-                                 hidden) <= usable
+        tiling_above = next((r for r in resolutions if peak(strategy, weights, r, 1, False, hidden) > usable), None)
+
+        def fits(r: int, b: int, strategy=strategy, tiling_above=tiling_above) -> bool:
+            tiled = tiling_above is not None and r >= tiling_above
+            return peak(strategy, weights, r, b, tiled, hidden) <= usable
+
         if not fits(resolutions[-1], 1):
             continue
         batches = {r: next(b for b in BATCH_SIZES if b <= max_batch and fits(r, b) or b == 1) for r in resolutions}
         top = resolutions[-1]
-        return Plan(strategy, budget_bytes, tiling_above, batches,
-                    peak(strategy, weights, top, batches[top], tiling_above is not None, hidden), reserved_bytes)
+        return Plan(
+            strategy,
+            budget_bytes,
+            tiling_above,
+            batches,
+            peak(strategy, weights, top, batches[top], tiling_above is not None, hidden),
+            reserved_bytes,
+        )
     needed = peak("sequential-offload", weights, resolutions[-1], 1, True, hidden) + SAFETY_MARGIN + reserved_bytes
-    raise PlanError(f"{budget_bytes / GIB:.1f} GiB cannot render {max_resolution}² even with sequential offload "
-                    f"and VAE tiling (needs about {needed / GIB:.1f} GiB, {reserved_bytes / GIB:.1f} of them for the "
-                    f"LoRA cache); lower FLUX_MAX_RESOLUTION or FLUX_LORA_CACHE_MB, or use a smaller recipe")
+    raise PlanError(
+        f"{budget_bytes / GIB:.1f} GiB cannot render {max_resolution}² even with sequential offload "
+        f"and VAE tiling (needs about {needed / GIB:.1f} GiB, {reserved_bytes / GIB:.1f} of them for the "
+        f"LoRA cache); lower FLUX_MAX_RESOLUTION or FLUX_LORA_CACHE_MB, or use a smaller recipe"
+    )
 
 
 def move(module: torch.nn.Module, device: torch.device) -> None:

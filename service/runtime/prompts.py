@@ -47,12 +47,14 @@ def cached_embeddings(prompts: list[str], cache: PromptCache | None) -> dict[str
 
 
 @torch.no_grad()  # outside the pipeline's own no_grad: without it the cache would keep autograd graphs alive
-def encode_missing(pipe: FluxPipeline, prompts: list[str], cache: PromptCache | None,
-                   max_sequence_length: int) -> dict[str, Embedding]:
+def encode_missing(
+    pipe: FluxPipeline, prompts: list[str], cache: PromptCache | None, max_sequence_length: int
+) -> dict[str, Embedding]:
     """Encode `prompts` (distinct, not cached) in one batch through both encoders (T5 reads `max_sequence_length`
     tokens: the variant's), caching them."""
-    embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=pipe._execution_device,
-                                           max_sequence_length=max_sequence_length)
+    embeds, pooled, _ = pipe.encode_prompt(
+        prompt=prompts, prompt_2=None, device=pipe._execution_device, max_sequence_length=max_sequence_length
+    )
     encoded = {prompt: (embeds[index], pooled[index]) for index, prompt in enumerate(prompts)}
     for prompt, (one_embeds, one_pooled) in encoded.items():
         if cache:
@@ -62,5 +64,7 @@ def encode_missing(pipe: FluxPipeline, prompts: list[str], cache: PromptCache | 
 
 def stack(found: dict[str, Embedding], prompts: list[str], device: torch.device) -> Embedding:
     """The batch's embeddings in request order, on the device."""
-    return (torch.stack([found[p][0] for p in prompts]).to(device),
-            torch.stack([found[p][1] for p in prompts]).to(device))
+    return (
+        torch.stack([found[p][0] for p in prompts]).to(device),
+        torch.stack([found[p][1] for p in prompts]).to(device),
+    )

@@ -15,8 +15,15 @@ from diffusers import FluxPipeline
 
 from models.architecture import decode_in_float32, variant_of
 from models.lora import LoraError
-from service.observe import (CANCELLATIONS, OOM_SPLITS, PROMPT_CACHE, STAGE_SECONDS, STEPS_AFTER_CANCEL, logger,
-                             request_id)
+from service.observe import (
+    CANCELLATIONS,
+    OOM_SPLITS,
+    PROMPT_CACHE,
+    STAGE_SECONDS,
+    STEPS_AFTER_CANCEL,
+    logger,
+    request_id,
+)
 from service.runtime.adapters import AdapterCache, stacks_applied
 from service.runtime.board import Board
 from service.runtime.imaging import MEDIA_TYPES, encode_image
@@ -64,8 +71,14 @@ class Stopwatch:
 class Renderer:
     """Setup once (placement, prompt cache, board of cancellations and progress), render many batches."""
 
-    def __init__(self, pipe: FluxPipeline, placement: Placement, cache: PromptCache | None = None,
-                 board: Board | None = None, adapters: AdapterCache | None = None) -> None:
+    def __init__(
+        self,
+        pipe: FluxPipeline,
+        placement: Placement,
+        cache: PromptCache | None = None,
+        board: Board | None = None,
+        adapters: AdapterCache | None = None,
+    ) -> None:
         self.pipe, self.placement, self.cache, self.board = pipe, placement, cache, board or Board()
         self.adapters = adapters
         self.variant = variant_of(pipe.transformer.config)
@@ -84,7 +97,7 @@ class Renderer:
                 results[i] = self._left(items[i], "queued") or self._refusal(items[i])
                 live += [i] if results[i] is None else []
             size = self.placement.max_batch(items[indices[0]].side)
-            pending = [live[start:start + size] for start in range(0, len(live), size)]
+            pending = [live[start : start + size] for start in range(0, len(live), size)]
             while pending:
                 group = pending.pop(0)
                 rendered = self._attempt([items[i] for i in group])
@@ -93,12 +106,14 @@ class Renderer:
                     continue
                 free_device_memory()  # outside the except clause: the failed attempt's frames are gone
                 if len(group) == 1:
-                    results[group[0]] = failure(Status.does_not_fit, f"{items[group[0]].width}x"
-                                                f"{items[group[0]].height} does not fit in device memory even alone")
+                    results[group[0]] = failure(
+                        Status.does_not_fit,
+                        f"{items[group[0]].width}x{items[group[0]].height} does not fit in device memory even alone",
+                    )
                 else:
                     OOM_SPLITS.inc()
-                    pending[:0] = [group[:len(group) // 2], group[len(group) // 2:]]
-        for item, result in zip(items, results):
+                    pending[:0] = [group[: len(group) // 2], group[len(group) // 2 :]]
+        for item, result in zip(items, results, strict=True):
             log_outcome(item, result)
         return results
 
@@ -144,16 +159,21 @@ class Renderer:
             started = time.perf_counter()
             with self._loras(group):
                 latents = self.pipe(
-                    prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=height, width=width,
-                    num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                    prompt_embeds=embeds,
+                    pooled_prompt_embeds=pooled,
+                    height=height,
+                    width=width,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    output_type="latent",
                     generator=[torch.Generator(self.placement.device).manual_seed(item.seed) for item in group],
                     callback_on_step_end=self._step_callback(group),
                 ).images
             clock.record("denoise", started)
-            results = [self._finish(item, latents[k:k + 1], clock) for k, item in enumerate(group)]
+            results = [self._finish(item, latents[k : k + 1], clock) for k, item in enumerate(group)]
         finally:
             self.board.finish(ids)
-        for item, result in zip(group, results):
+        for item, result in zip(group, results, strict=True):
             result.timings_ms = {"queue_wait": queue_ms.get(item.request_id, 0.0), **clock.ms}
         return results
 
@@ -188,6 +208,7 @@ class Renderer:
                 STEPS_AFTER_CANCEL.observe(self.board.steps_after_cancel(cancelled, step + 1))
             logger.info("stopped at step %d of %d: nobody waits for %s", step + 1, pipe.num_timesteps, ids)
             return callback_kwargs
+
         return on_step_end
 
     def _gone(self, item: WorkItem) -> bool:
@@ -224,11 +245,17 @@ class Renderer:
 
 def log_outcome(item: WorkItem, result: Result) -> None:
     token = request_id.set(item.request_id)
-    logger.info("%dx%d, %d steps: %s %s", item.width, item.height, item.steps, result.status,
-                result.message or {stage: round(ms, 1) for stage, ms in result.timings_ms.items()})
+    logger.info(
+        "%dx%d, %d steps: %s %s",
+        item.width,
+        item.height,
+        item.steps,
+        result.status,
+        result.message or {stage: round(ms, 1) for stage, ms in result.timings_ms.items()},
+    )
     request_id.reset(token)
 
 
 def results_for(results: list, indices: list[int], rendered: list[Result]) -> None:
-    for index, result in zip(indices, rendered):
+    for index, result in zip(indices, rendered, strict=True):
         results[index] = result

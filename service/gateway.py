@@ -3,19 +3,29 @@ follow the caller, cancel on the worker when the caller leaves, count the outcom
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
-from service.fronts.outcomes import outcome_of_worker_error
-from service.fronts.remote import call_worker
+import aiohttp
+
 from service.observe import IN_FLIGHT, REFUSALS, REQUESTS, logger, request_id
 from service.runtime.placement import Placement
 from service.runtime.result import Result, Status, failure
 from service.schema import Limits, Refused, WorkItem
 
 POLL_S = 0.1  # how often a waiting call checks that its caller is still there
+# Raised before the request reached the worker: safe to send again. Anything later (the worker closed the
+# connection after reading the request: "Server disconnected") may mean the work is running, and is never retried.
+NOT_SENT = (aiohttp.ClientConnectorError,)
+# BentoML's client to the worker raises an exception carrying the worker server's HTTP status
+_BY_WORKER_STATUS = {
+    HTTPStatus.TOO_MANY_REQUESTS: "overloaded",
+    HTTPStatus.SERVICE_UNAVAILABLE: "queue_full",
+    HTTPStatus.GATEWAY_TIMEOUT: "timeout",
+}
 
 
 class Rejected(Exception):
-    """A request the front answers itself, with an outcome of service.fronts.outcomes."""
+    """A request the front answers itself, with an outcome (service.fronts.outcomes maps it to each protocol)."""
 
     def __init__(self, outcome: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -54,8 +64,9 @@ class Gateway:
         leaves (cancelled task, or `caller_left()` turning true) is cancelled on the worker too."""
         return (await self.render_group([item], caller_left))[0]
 
-    async def render_group(self, items: list[WorkItem],
-                           caller_left: Callable[[], Awaitable[bool]] | None = None) -> list[Result]:
+    async def render_group(
+        self, items: list[WorkItem], caller_left: Callable[[], Awaitable[bool]] | None = None
+    ) -> list[Result]:
         """`render` for images of one call (one request id), queued together so they can share a batch."""
         first = items[0]
         token = request_id.set(first.request_id)
@@ -73,8 +84,9 @@ class Gateway:
             raise
         finally:
             REQUESTS.labels(protocol=first.protocol, outcome=outcome).inc()
-            logger.info("%s %d× %dx%d %d steps: %s", first.protocol, len(items), first.width, first.height,
-                        first.steps, outcome)
+            logger.info(
+                "%s %d× %dx%d %d steps: %s", first.protocol, len(items), first.width, first.height, first.steps, outcome
+            )
             request_id.reset(token)
 
     async def _follow(self, items: list[WorkItem], caller_left) -> list[Result]:
@@ -122,3 +134,15 @@ class Gateway:
 
     async def info(self) -> dict:
         return await call_worker(self.worker.to_async.info)
+
+
+async def call_worker(method, *args, **kwargs):
+    """Call a worker API (BentoML's client is aiohttp, over a local socket), once more if it could not connect."""
+    try:
+        return await method(*args, **kwargs)
+    except NOT_SENT:
+        return await method(*args, **kwargs)
+
+
+def outcome_of_worker_error(error: Exception) -> str:
+    return _BY_WORKER_STATUS.get(getattr(error, "error_code", None), "error")
