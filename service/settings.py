@@ -21,7 +21,14 @@ class Settings(BaseSettings):
         {512: 15_000, 768: 30_000, 1024: 60_000, 1536: 120_000, 2048: 240_000},
         description="per resolution bucket: how long a request may wait in its queue (about 2x a full batch)",
     )
+    batch_wait_ms: dict[int, int] = Field(
+        {512: 10, 768: 20, 1024: 40, 1536: 80, 2048: 160},
+        description="per resolution bucket: the longest a lone request waits for companions (runtime/batching.py)",
+    )
     max_in_flight: int = Field(64, ge=1, description="calls per front process, HTTP and gRPC each")
+    max_body_kb: int = Field(
+        64, ge=16, description="largest HTTP request body (413 over it); the largest valid request is ~30 KB"
+    )
     grpc_address: str = Field("0.0.0.0:50051", description="where the gRPC front listens")
     grpc_max_send_mb: int = Field(64, ge=4, description="largest gRPC reply (a 2048² PNG is ~10 MB)")
     grpc_max_receive_mb: int = Field(4, ge=1, description="largest gRPC request")
@@ -90,6 +97,9 @@ class Settings(BaseSettings):
 
     def latency_ms(self, bucket: int) -> int:
         return self.max_latency_ms.get(bucket, max(self.max_latency_ms.values()))
+
+    def wait_ms(self, bucket: int) -> int:
+        return self.batch_wait_ms.get(bucket, max(self.batch_wait_ms.values()))
 
 
 class SettingsError(SystemExit):
