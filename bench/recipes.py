@@ -8,7 +8,6 @@ as the serving planner places it on that budget, so the 16 GB claim is measured 
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench.report import peak_rss_bytes
 from models.architecture import build_pipeline
 from models.sizes import module_bytes
 from quantize.recipes import RECIPES, apply_recipe
@@ -83,7 +83,7 @@ def measure(recipe: str, preset: str, size: int, steps: int, batches: list[int],
         }
         result["fits_16gb"] = result["peak_reserved_gib"] <= CARD_GIB
     else:
-        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+        result["peak_rss_gib"] = peak_rss_bytes() / GIB
     return result
 
 

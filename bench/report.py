@@ -2,12 +2,22 @@
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 BATCH_BUCKET = re.compile(
     r'bentoml_service_adaptive_batch_size_bucket\{le="([^"]+)"[^}]*method_name="generate_[0-9]+"[^}]*\} (\S+)'
 )
+
+
+def peak_rss_bytes() -> int:
+    """This process's own resident high-water mark (VmHWM). Not `ru_maxrss`: on Linux it carries the forking
+    parent's resident set across fork and exec, so a child of a large parent reports the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (not Linux?)")
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -27,8 +27,9 @@ from models.single_file import original_layout_shapes
 from models.tensors import ShardWriter
 
 QUANTIZE = """
-import json, resource, sys, threading, time
+import json, sys, threading, time
 from pathlib import Path
+from bench.report import peak_rss_bytes
 from models.source import Source
 from quantize.recipes import RECIPES
 from quantize.stream import write_component
@@ -45,7 +46,7 @@ threading.Thread(target=sample, daemon=True).start()
 gguf = Path(sys.argv[4]) if len(sys.argv) > 4 else None  # a GGUF transformer in place of the diffusers shards
 source = Source(id=str(gguf or sys.argv[1]), revision="synthetic", path=Path(sys.argv[1]), transformer_file=gguf)
 write_component(source, "transformer", Path(sys.argv[2]), RECIPES[sys.argv[3]])
-print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps({"peak_rss_bytes": peak_rss_bytes(),
                   "peak_anon_bytes": peaks["RssAnon"], "peak_file_bytes": peaks["RssFile"]}))
 """
 

@@ -13,6 +13,7 @@ A target's update is scale · B(A(x)); a request's own scale multiplies it (diff
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,17 +106,37 @@ def refuse_variants(path: Path, keys: list[str]) -> None:
             )
 
 
-def converted_pairs(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """diffusers' conversion of the file to peft keys (`<component>.<module>.lora_A.weight`), and its alphas."""
+def converted_pairs(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float], float | None]:
+    """diffusers' conversion of the file to peft keys (`<component>.<module>.lora_A.weight`), the transformer's
+    alphas, and the alpha of its targets that state none."""
     try:
         state, alphas = FluxPipeline.lora_state_dict(str(path), return_alphas=True)
     except Exception as error:  # noqa: BLE001 - diffusers raises many kinds for files it cannot convert
-        raise LoraError(f"{path}: diffusers cannot read it as a FLUX LoRA ({str(error).strip()[:300]})") from None
-    return state, {key: float(value) for key, value in (alphas or {}).items()}
+        raise unconvertible(path, error) from None
+    alphas = {key: value for key, value in (alphas or {}).items() if not key.startswith(TEXT_ENCODER_PREFIXES)}
+    return state, {key: float(value) for key, value in alphas.items()}, unstated_alpha(alphas)
+
+
+def unconvertible(path: Path, error: Exception) -> LoraError:
+    """diffusers' refusal, with its message (or its kind, when it has none: a bare `assert` in a converter)."""
+    why = str(error).strip()[:300] or f"{type(error).__name__}, no message: the file's keys match no layout it knows"
+    return LoraError(f"{path}: diffusers cannot read it as a FLUX LoRA ({why})")
+
+
+def unstated_alpha(alphas: dict) -> float | None:
+    """The alpha diffusers + PEFT give the targets a file states none for: `get_peft_kwargs` takes the most
+    common stated value as `collections.Counter` counts the values it was handed. Read from a file those are
+    tensors, which count by identity, so that is the first alpha stated (in the converted state's order); plain
+    numbers count by value. None when the file states none: alpha = rank (scale 1)."""
+    return float(Counter(alphas.values()).most_common(1)[0][0]) if alphas else None
 
 
 def split_pairs(
-    path: Path, state: dict[str, torch.Tensor], alphas: dict[str, float], drop_text_encoder: bool
+    path: Path,
+    state: dict[str, torch.Tensor],
+    alphas: dict[str, float],
+    unstated: float | None,
+    drop_text_encoder: bool,
 ) -> tuple[dict[str, LowRank], int]:
     """The transformer's low-rank pairs by module name, and how many text-encoder tensors were dropped."""
     text_encoder = [key for key in state if key.startswith(TEXT_ENCODER_PREFIXES)]
@@ -139,7 +160,8 @@ def split_pairs(
         if up is None:
             raise LoraError(f"{path}: {module} has lora_A but no lora_B")
         rank = down.shape[0]
-        alpha = alphas.get(f"transformer.{module}.alpha", alphas.get(f"{module}.alpha", float(rank)))
+        fallback = unstated if unstated is not None else float(rank)
+        alpha = alphas.get(f"transformer.{module}.alpha", alphas.get(f"{module}.alpha", fallback))
         pairs[module] = LowRank(down, up, alpha / rank)
     if not pairs:
         raise LoraError(f"{path}: no LoRA pairs for the FLUX transformer")

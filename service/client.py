@@ -14,7 +14,7 @@ from rich.progress import Progress
 
 from service.fronts.grpc_front import FORMATS, message_limits
 from service.fronts.stubs import messages, services
-from service.schema import GenerationRequest, LoraWeight
+from service.schema import GenerationRequest, LoraWeight, field_path
 
 GRPC_FORMATS = {image_format: number for number, image_format in FORMATS.items()}
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -22,8 +22,22 @@ POLL_S = 0.5
 MAX_REPLY_MB = 64  # the server's FLUX_GRPC_MAX_SEND_MB default; gRPC's own 4 MB is less than a 2048² PNG
 
 
+def server_message(response: httpx.Response) -> str:
+    """The server's one-line reason, from any of its error shapes (ours, BentoML's validation, OpenAI's)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:500]
+    error, detail = body.get("error"), body.get("detail")
+    if isinstance(error, dict):
+        return str(error.get("message"))
+    if isinstance(detail, list) and detail:
+        return "; ".join(f"{field_path(tuple(d['loc']))}: {d['msg']}" if d.get("loc") else d["msg"] for d in detail)
+    return str(error or body)
+
+
 class FluxClient:
-    """HTTP: raises httpx.HTTPStatusError carrying the server's message on 4xx/5xx."""
+    """HTTP: raises httpx.HTTPStatusError carrying the status and the server's message on 4xx/5xx."""
 
     def __init__(self, url: str = "http://127.0.0.1:3000", timeout_s: float = 900, api_key: str | None = None) -> None:
         headers = {"authorization": f"Bearer {api_key}"} if api_key else None
@@ -31,19 +45,17 @@ class FluxClient:
 
     def txt2img(self, request: GenerationRequest) -> bytes:
         """The image's bytes, in the request's format."""
-        response = self.http.post("/txt2img", json=request.model_dump(mode="json"))
-        if response.is_error:
-            raise httpx.HTTPStatusError(
-                f"{response.status_code}: {response.text}", request=response.request, response=response
-            )
-        return response.content
+        return self._checked(self.http.post("/txt2img", json=request.model_dump(mode="json"))).content
 
     def _json(self, response: httpx.Response) -> dict:
+        return self._checked(response).json()
+
+    @staticmethod
+    def _checked(response: httpx.Response) -> httpx.Response:
         if response.is_error:
-            raise httpx.HTTPStatusError(
-                f"{response.status_code}: {response.text}", request=response.request, response=response
-            )
-        return response.json()
+            message = f"{response.status_code}: {server_message(response)}"
+            raise httpx.HTTPStatusError(message, request=response.request, response=response)
+        return response
 
     def submit_job(
         self,
@@ -166,6 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, field in GenerationRequest.model_fields.items():
         if name not in ("prompt", "loras"):
             kind = next(arg for arg in (*typing.get_args(field.annotation), field.annotation) if arg is not NoneType)
+            kind = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Annotated else kind  # StrictInt
             parser.add_argument(f"--{name}", type=kind, default=field.default, help=field.description)
     return parser.parse_args(argv)
 
@@ -177,18 +190,30 @@ def lora_weight(value: str) -> LoraWeight:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Writes the image; a refusal or failure prints the server's one-line reason and exits with 1."""
     args = parse_args(argv)
     fields = {name: getattr(args, name) for name in GenerationRequest.model_fields if name != "loras"}
     request = GenerationRequest(**fields, loras=args.lora)
-    if args.job:
-        image = job_with_progress_bar(args, request)
-    elif args.grpc:
-        image = stream_with_progress_bar(FluxGrpcClient(args.target, api_key=args.api_key), request)
-    else:
-        image = FluxClient(args.url, api_key=args.api_key).txt2img(request)
+    try:
+        image = fetch(args, request)
+    except httpx.HTTPStatusError as error:
+        raise SystemExit(f"error: {error}") from None
+    except grpc.RpcError as error:
+        raise SystemExit(f"error: {error.code().name}: {error.details()}") from None
+    except httpx.TransportError as error:
+        raise SystemExit(f"error: cannot reach {args.url}: {error}") from None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(image)
     print(args.out)
+
+
+def fetch(args: argparse.Namespace, request: GenerationRequest) -> bytes:
+    """The image, by the way the arguments ask: a job, a gRPC stream, or one HTTP call."""
+    if args.job:
+        return job_with_progress_bar(args, request)
+    if args.grpc:
+        return stream_with_progress_bar(FluxGrpcClient(args.target, api_key=args.api_key), request)
+    return FluxClient(args.url, api_key=args.api_key).txt2img(request)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,17 @@ class Rejected(Exception):
         super().__init__(message)
         self.outcome, self.message, self.field = outcome, message, field
 
+    @property
+    def reason(self) -> str:
+        """The message, led by the field it is about (for protocols with no field of their own: gRPC)."""
+        return f"{self.field}: {self.message}" if self.field else self.message
+
 
 class Gateway:
     def __init__(self, worker) -> None:
         self.worker = worker
         self.limits: Limits | None = None  # known once the worker has loaded and planned
+        self.in_flight = 0  # calls to the worker's queues not yet answered, every protocol (the drain waits for 0)
         self._background: set[asyncio.Task] = set()
 
     async def wait_for_worker(self) -> None:
@@ -94,6 +100,7 @@ class Gateway:
         generate = getattr(self.worker.to_async, f"generate_{Placement.bucket(items[0].side)}")
         call = asyncio.ensure_future(call_worker(generate, items))
         IN_FLIGHT.inc()
+        self.in_flight += 1
         try:
             while not call.done():
                 await asyncio.wait({call}, timeout=POLL_S)
@@ -108,6 +115,7 @@ class Gateway:
             raise Rejected(outcome_of_worker_error(error), str(error) or type(error).__name__) from None
         finally:
             IN_FLIGHT.dec()
+            self.in_flight -= 1
 
     def _cancel_on_worker(self, rid: str, call: asyncio.Future) -> None:
         """Tell the worker nobody waits for `rid` (it drops it from its queue, or stops and skips decode)."""

@@ -1,9 +1,10 @@
 """The request every protocol accepts: typed, documented, bounded; and the limits the plan adds."""
 
+import unicodedata
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
 
 from models.architecture import VARIANTS, Variant
 
@@ -14,6 +15,16 @@ MAX_LORAS = 8
 def field_path(location: tuple) -> str:
     """A pydantic error location as the request spells it: ("loras", 1, "name") -> "loras[1].name"."""
     return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
+
+
+def check_prompt(prompt: str) -> str:
+    """Not blank, and no control characters but tab and line breaks (a NUL, escape codes, lone surrogates)."""
+    if not prompt.strip():
+        raise ValueError("prompt must not be blank")
+    for position, char in enumerate(prompt):
+        if char not in "\t\n\r" and unicodedata.category(char) in ("Cc", "Cs"):
+            raise ValueError(f"control character U+{ord(char):04X} at position {position} is not allowed")
+    return prompt
 
 
 class ImageFormat(StrEnum):
@@ -37,7 +48,7 @@ class LoraWeight(BaseModel):
             "NAME or NAME:VERSION; /info lists them",
         ),
     ]
-    scale: Annotated[float, Field(ge=-4.0, le=4.0, description="strength: multiplies the adapter's update")] = 1.0
+    scale: Annotated[StrictFloat, Field(ge=-4.0, le=4.0, description="strength: multiplies the adapter's update")] = 1.0
 
 
 class GenerationRequest(BaseModel):
@@ -45,7 +56,7 @@ class GenerationRequest(BaseModel):
 
     prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw")]
     width: Annotated[
-        int,
+        StrictInt,
         Field(
             ge=64,
             le=2048,
@@ -53,9 +64,9 @@ class GenerationRequest(BaseModel):
             description="Pixels, a multiple of 16; the deployment's largest side is on /info",
         ),
     ] = 1024
-    height: Annotated[int, Field(ge=64, le=2048, multiple_of=16, description="Pixels, a multiple of 16")] = 1024
+    height: Annotated[StrictInt, Field(ge=64, le=2048, multiple_of=16, description="Pixels, a multiple of 16")] = 1024
     steps: Annotated[
-        int | None,
+        StrictInt | None,
         Field(
             ge=1,
             le=100,
@@ -64,7 +75,7 @@ class GenerationRequest(BaseModel):
         ),
     ] = None
     guidance: Annotated[
-        float | None,
+        StrictFloat | None,
         Field(
             ge=0.0,
             le=20.0,
@@ -72,9 +83,9 @@ class GenerationRequest(BaseModel):
             "(unset: 3.5); FLUX.1-schnell has none: leave it unset or 0",
         ),
     ] = None
-    seed: Annotated[int, Field(ge=0, lt=2**63, description="Same seed, same image, alone or in a batch")] = 0
+    seed: Annotated[StrictInt, Field(ge=0, lt=2**63, description="Same seed, same image, alone or in a batch")] = 0
     format: Annotated[ImageFormat, Field(description="Encoding of the returned image")] = ImageFormat.png
-    quality: Annotated[int, Field(ge=1, le=100, description="JPEG/WebP quality (ignored for PNG)")] = 90
+    quality: Annotated[StrictInt, Field(ge=1, le=100, description="JPEG/WebP quality (ignored for PNG)")] = 90
     loras: Annotated[
         list[LoraWeight],
         Field(
@@ -85,10 +96,8 @@ class GenerationRequest(BaseModel):
 
     @field_validator("prompt")
     @classmethod
-    def prompt_not_blank(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt must not be blank")
-        return prompt
+    def prompt_is_text(cls, prompt: str) -> str:
+        return check_prompt(prompt)
 
     @property
     def shape(self) -> tuple[int, int, int, float]:

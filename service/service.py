@@ -19,15 +19,18 @@ from models.artifact import load_pipeline, read_manifest
 from models.kernels import choose_dtype, kernel_note, refusal, runnable
 from models.lora import architecture_id
 from models.sizes import module_bytes
+from service.drain import DRAIN, CountInFlight
 from service.fronts.auth import BearerAuth
 from service.fronts.grpc_front import GrpcFront
 from service.fronts.grpc_jobs import Jobs
+from service.fronts.http_gate import HttpGate
 from service.fronts.outcomes import http_status
 from service.fronts.v1 import app as v1_app
 from service.gateway import Gateway, Rejected
 from service.jobs.engine import JobEngine
 from service.jobs.results import ResultStore
 from service.observe import BATCHES, REQUEST_ID_HEADER, logger, new_request_id
+from service.runtime import batching
 from service.runtime.adapters import AdapterCache
 from service.runtime.board import Board
 from service.runtime.device import (
@@ -109,6 +112,7 @@ def bucket_api(resolution: int):
     )
 
 
+batching.install({f"generate_{bucket}": SETTINGS.wait_ms(bucket) for bucket in RESOLUTION_BUCKETS})
 ARTIFACT = artifact_reference(SETTINGS.artifact)
 PACKED_LORAS = [
     artifact_reference(tag, "FLUX_LORAS") for tag in SETTINGS.loras
@@ -170,6 +174,11 @@ class FluxWorker:
             str(self.dtype).removeprefix("torch."),
             self.kernels,
         )
+
+    @bentoml.on_startup
+    async def drain_on_sigterm(self) -> None:
+        """Finish what the fronts have sent (they send nothing new once draining), then stop."""
+        DRAIN.install(busy=lambda: DRAIN.in_flight > 0, grace_s=SETTINGS.shutdown_grace_s, quiet_s=1.0)
 
     @property
     def kernels(self) -> str:
@@ -264,16 +273,25 @@ class Flux:
         await self.grpc.start()
         if self.jobs:
             self.jobs.start()
+        DRAIN.install(
+            busy=lambda: self.gateway.in_flight > 0, grace_s=SETTINGS.shutdown_grace_s, on_begin=self.begin_drain
+        )
+
+    async def begin_drain(self) -> None:
+        """SIGTERM: gRPC health NOT_SERVING, pull no more jobs (those running finish); HTTP: fronts/http_gate.py."""
+        await asyncio.gather(self.grpc.drain(), *([self.jobs.stop(SETTINGS.shutdown_grace_s)] if self.jobs else []))
 
     @bentoml.on_shutdown
     async def stop(self) -> None:
-        await asyncio.gather(self.grpc.stop(), *([self.jobs.stop(SETTINGS.shutdown_grace_s)] if self.jobs else []))
+        jobs = [self.jobs.stop(SETTINGS.shutdown_grace_s)] if self.jobs and not DRAIN.draining else []
+        await asyncio.gather(self.grpc.stop(), *jobs)
 
     async def __is_ready__(self) -> bool:
-        return self.gateway.limits is not None
+        return self.gateway.limits is not None and not DRAIN.draining
 
     async def __is_alive__(self) -> bool:
-        return await self.gateway.alive(SETTINGS.liveness_timeout_s)
+        """While draining: alive (finishing its work) even once the worker has stopped."""
+        return DRAIN.draining or await self.gateway.alive(SETTINGS.liveness_timeout_s)
 
     @bentoml.api(route="/txt2img", input_spec=GenerationRequest)
     async def txt2img(self, ctx: bentoml.Context, **fields) -> Annotated[bytes, "image/png, image/jpeg or image/webp"]:
@@ -293,4 +311,6 @@ class Flux:
 
 
 FluxWorker.models.extend(PACKED_LORAS)
+FluxWorker.add_asgi_middleware(CountInFlight, drain=DRAIN)
+Flux.add_asgi_middleware(HttpGate, drain=DRAIN, max_body_bytes=SETTINGS.max_body_kb * 1024)
 Flux.add_asgi_middleware(BearerAuth, keys=API_KEYS)

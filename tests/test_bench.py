@@ -1,6 +1,9 @@
 """The benchmark's arithmetic, its failure when nothing listens, and one real run against a tiny server."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import bentoml
 import pytest
@@ -8,6 +11,7 @@ import pytest
 from bench.report import LevelResult, batch_histogram, batches_between, percentile, usd_per_image
 from tests.conftest import free_port, run_module
 
+REPO = Path(__file__).resolve().parent.parent
 LABELS = 'method_name="generate_512",runner_name="FluxWorker",worker_index="1"'
 METRICS = "# HELP bentoml_service_adaptive_batch_size Batch size\n" + "".join(
     f'bentoml_service_adaptive_batch_size_bucket{{le="{le}",{LABELS}}} %d\n' for le in ("1.0", "2.0", "4.0", "+Inf")
@@ -103,3 +107,21 @@ def test_cold_start_reports_the_load_over_cat(tiny_int8_tag):
     result = run_module("bench.cold_start", folder)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "load now" in result.stdout and "x)" in result.stdout
+
+
+def test_a_childs_peak_memory_is_its_own_not_its_parents():
+    """bench.streaming and bench.recipes measure in a child: `ru_maxrss` would report the parent's size."""
+    ballast = b"\x01" * (768 << 20)  # the parent's resident set grows by 768 MiB before it starts the child
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD_PEAKS], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    own, inherited = map(int, child)
+    assert inherited >= len(ballast), "ru_maxrss no longer inherits the parent's: the test cannot see the fault"
+    assert own < 256 << 20, f"{own / 2**20:.0f} MiB for a child that imported numpy"
+
+
+CHILD_PEAKS = """
+import resource
+from bench.report import peak_rss_bytes
+print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""

@@ -227,25 +227,36 @@ def test_a_second_server_cannot_share_the_port(servers):
         asyncio.run(start_second())
 
 
-def test_shutdown_flips_health_and_lets_the_call_in_flight_finish(tiny_int8_tag, tmp_path):
+def test_sigterm_drains_http_and_grpc_alike(tiny_int8_tag, tmp_path):
+    """One HTTP and one gRPC render in flight at SIGTERM: health NOT_SERVING and /readyz 503 at once, new calls
+    refused retryably on both protocols, /livez still 200, both renders finish, exit 0."""
     port, target = free_port(), f"127.0.0.1:{free_port()}"
-    process = start_server(port, tmp_path / "server.log", {"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GRPC_ADDRESS": target})
+    url, log = f"http://127.0.0.1:{port}", tmp_path / "server.log"
+    process = start_server(port, log, {"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GRPC_ADDRESS": target})
     try:
-        wait_ready(f"http://127.0.0.1:{port}", process, tmp_path / "server.log", timeout_s=300)
+        wait_ready(url, process, log, timeout_s=300)
         statuses = health_pb2_grpc.HealthStub(grpc.insecure_channel(target)).Watch(
             health_pb2.HealthCheckRequest(service=SERVICE_NAME)
         )
         assert next(statuses).status == health_pb2.HealthCheckResponse.SERVING
-        with ThreadPoolExecutor(1) as pool:
-            in_flight = pool.submit(
-                FluxGrpcClient(target).generate,
-                GenerationRequest(prompt="finish me", width=1024, height=1024, steps=16),
-            )
-            time.sleep(1.5)
-            assert not in_flight.done()
+        slow = GenerationRequest(prompt="finish me", width=1024, height=1024, steps=16)
+        with ThreadPoolExecutor(2) as pool:
+            over_grpc = pool.submit(FluxGrpcClient(target).generate, slow)
+            over_http = pool.submit(FluxClient(url).txt2img, slow.model_copy(update={"seed": 1}))
+            time.sleep(2)
+            assert not over_grpc.done() and not over_http.done()
             process.send_signal(signal.SIGTERM)
             assert next(statuses).status == health_pb2.HealthCheckResponse.NOT_SERVING
-            assert Image.open(io.BytesIO(in_flight.result(timeout=120).image)).size == (1024, 1024)
+            with pytest.raises(grpc.RpcError) as refused:
+                FluxGrpcClient(target).generate(GenerationRequest(prompt="too late", **SMALL), timeout_s=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+            assert httpx.get(f"{url}/readyz", timeout=5).status_code == 503
+            assert httpx.get(f"{url}/livez", timeout=5).status_code == 200
+            late = httpx.post(f"{url}/txt2img", json={"prompt": "too late", **SMALL}, timeout=10)
+            assert late.status_code == 503 and late.headers["retry-after"], late.text
+            assert not over_grpc.done() and not over_http.done(), "the renders did not outlast the checks"
+            assert Image.open(io.BytesIO(over_grpc.result(timeout=120).image)).size == (1024, 1024)
+            assert Image.open(io.BytesIO(over_http.result(timeout=120))).size == (1024, 1024)
         assert process.wait(timeout=60) == 0
     finally:
         stop(process)

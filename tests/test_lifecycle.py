@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import bentoml
+import grpc
 import httpx
 import psutil
 import pytest
@@ -16,6 +17,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.artifact import load_pipeline
+from service.client import FluxGrpcClient
+from service.fronts.stubs import messages
 from service.launcher import start_server, stop, wait_ready
 from service.runtime.placement import Placement
 from service.runtime.render import Renderer
@@ -29,10 +32,10 @@ SLOW = dict(width=1024, height=1024)  # about a quarter of a second per step for
 @pytest.fixture(scope="module")
 def server(tiny_int8_tag, tmp_path_factory):
     folder = tmp_path_factory.mktemp("lifecycle")
-    port, log = free_port(), folder / "server.log"
+    port, log, grpc_target = free_port(), folder / "server.log", f"127.0.0.1:{free_port()}"
     env = {
         "FLUX_ARTIFACT": tiny_int8_tag,
-        "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
+        "FLUX_GRPC_ADDRESS": grpc_target,
         "FLUX_MAX_RESOLUTION": "1024",
         "FLUX_LIVENESS_TIMEOUT_S": "2",
         **private_home(folder / "home"),
@@ -41,7 +44,7 @@ def server(tiny_int8_tag, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process, log, timeout_s=300)
-        yield url, process, log
+        yield url, process, log, grpc_target
     finally:
         stop(process)
 
@@ -154,6 +157,20 @@ def test_a_size_over_the_plan_is_a_400_naming_the_field_and_the_largest_side(ser
     assert response.headers["x-request-id"]
 
 
+def test_a_grpc_refusal_names_the_field_and_is_logged_with_its_id(server):
+    _, _, log, target = server
+    stub = FluxGrpcClient(target).stub
+    for rid, message, start in (
+        ("grpc-wide-1", messages.GenerateRequest(prompt="too wide", width=1536, height=512), "width: 1536 is larger"),
+        ("grpc-odd-2", messages.GenerateRequest(prompt="odd", width=100), "width: Input should be a multiple"),
+    ):
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Generate(message, metadata=[("x-request-id", rid)])
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.value.details().startswith(start), error.value.details()
+        assert f"[request {rid}] grpc refused (refused): {start}" in log.read_text()
+
+
 def test_an_unknown_field_is_a_400_naming_it(server):
     response = post(server[0], prompt="fox", sede=7, **SMALL)
     assert response.status_code == 400
@@ -188,7 +205,7 @@ def test_inf_or_nan_gives_a_typed_failure_not_a_black_image(tiny_int8_tag, poiso
 
 
 def test_the_request_id_is_echoed_and_in_the_log_lines_of_front_and_worker(server):
-    url, _, log = server
+    url, _, log, _ = server
     response = post(url, prompt="traced", headers={"x-request-id": "trace-me-42"}, **SMALL)
     assert response.headers["x-request-id"] == "trace-me-42"
     generated = post(url, prompt="untraced", **SMALL).headers["x-request-id"]
@@ -214,7 +231,7 @@ def worker_process(server_process) -> psutil.Process:
 
 
 def test_livez_fails_while_the_worker_cannot_answer(server):
-    url, process, _ = server
+    url, process, _, _ = server
     worker = worker_process(process)
     assert httpx.get(f"{url}/livez", timeout=10).status_code == 200
     os.kill(worker.pid, signal.SIGSTOP)

@@ -19,11 +19,11 @@ from bench.report import batch_histogram
 from models.architecture import build_pipeline
 from models.artifact import load_component, load_pipeline, read_manifest
 from models.backends import BACKENDS
-from models.lora import load_adapter
+from models.lora import load_adapter, unconvertible
 from models.random_lora import write_diffusers_lora, write_kohya_lora
 from service.client import FluxGrpcClient
 from service.launcher import running_server
-from service.runtime.adapters import AdapterCache, stacks_applied
+from service.runtime.adapters import AdapterCache, human_bytes, stacks_applied
 from service.runtime.placement import Placement
 from service.runtime.render import Renderer
 from service.schema import GenerationRequest, LoraWeight, WorkItem
@@ -263,6 +263,63 @@ def test_an_unknown_adapter_fails_only_its_own_request(tiny_int8_tag, tiny_loras
     assert results[1].ok
 
 
+def test_an_unreadable_stored_adapter_fails_only_the_items_naming_it_until_it_is_put_right(
+    tiny_int8_tag, tiny_loras, caplog
+):
+    assert add(tiny_loras["tiny-b"], "tiny-spoilt", tiny_int8_tag).returncode == 0
+    file = stored("tiny-spoilt") / "adapter.safetensors"
+    healthy = file.read_bytes()
+    file.write_bytes(healthy[:-8] + bytes(8))  # the same size, another sha256
+    renderer = tiny_renderer(tiny_int8_tag)
+    items = [
+        WorkItem(prompt="fox", loras=stack(("tiny-a", 1.0), ("tiny-spoilt", 1.0)), **SMALL),
+        WorkItem(prompt="fox", loras=stack(("tiny-a", 1.0)), **SMALL),
+        WorkItem(prompt="fox", **SMALL),
+        WorkItem(prompt="owl", loras=stack(("tiny-spoilt", 0.5)), **SMALL),
+    ]
+    with caplog.at_level("ERROR", logger="bentoml.flux"):
+        results = renderer.render(items)
+    assert [result.status for result in results] == ["error", "ok", "ok", "error"]
+    assert results[0].field == "loras[1].name" and "'tiny-spoilt' cannot be read" in results[0].message
+    assert "sha256 mismatch" in results[0].message and results[3].field == "loras[0].name"
+    assert sum("tiny-spoilt" in record.getMessage() for record in caplog.records) == 1, "one report per batch"
+    file.write_bytes(healthy)
+    assert renderer.render(items[3:])[0].ok, "a file put right is read again, not remembered as broken"
+
+
+def test_a_file_with_alphas_on_some_targets_is_scaled_as_diffusers_and_peft_scale_it(
+    tiny_source, tiny_int8_tag, tmp_path
+):
+    """Targets without `.alpha` take the alpha diffusers + PEFT give them (models.lora.unstated_alpha), not
+    alpha = rank: the image is PEFT's, byte for byte."""
+    file = write_diffusers_lora(tmp_path / "partial.safetensors", build_pipeline("tiny").transformer, 8, 21, 1.0)
+    tensors = load_file(file)
+    downs = sorted(key for key in tensors if key.endswith(".lora_A.weight"))
+    for k, key in enumerate(downs[: len(downs) // 2]):  # half the targets state one: 16 once, 2 for the others
+        tensors[key.replace(".lora_A.weight", ".alpha")] = torch.tensor(16.0 if k == 0 else 2.0)
+    save_file(tensors, file)
+    assert add(file, "tiny-partial-alpha", tiny_int8_tag).returncode == 0
+    cache = AdapterCache(lambda name: stored(name), lambda: [], 1 << 30, torch.device("cpu"), torch.bfloat16)
+
+    def render(item: WorkItem, lora_file: Path | None = None, adapters: AdapterCache | None = None) -> bytes:
+        pipe = FluxPipeline.from_pretrained(tiny_source, dtype=torch.bfloat16)
+        if lora_file is not None:
+            pipe.load_lora_weights(str(lora_file), adapter_name="reference")
+        result = Renderer(pipe, Placement.resident(torch.device("cpu")), adapters=adapters).render([item])[0]
+        assert result.ok, result.reason
+        return result.image
+
+    item = WorkItem(prompt="a red fox", seed=3, **SMALL)
+    ours = render(item.model_copy(update={"loras": stack(("tiny-partial-alpha", 1.0))}), adapters=cache)
+    assert ours == render(item, lora_file=file)
+    assert ours != render(item)
+
+
+def test_a_converter_refusal_without_a_message_still_says_why(tmp_path):
+    error = unconvertible(tmp_path / "odd.safetensors", AssertionError())
+    assert "AssertionError, no message" in str(error) and "()" not in str(error)
+
+
 # --- the adapter store: `python -m quantize lora add` -----------------------------------------------------
 
 
@@ -429,6 +486,17 @@ def test_grpc_and_the_cli_carry_the_stack(lora_server, tmp_path):
     assert Image.open(io.BytesIO(over_http)).size == (128, 128)
 
 
+@pytest.mark.parametrize("protocol", [["--url"], ["--grpc", "--target"]])
+def test_the_cli_prints_the_servers_refusal_and_exits_non_zero(lora_server, tmp_path, protocol):
+    address = lora_server[0] if protocol == ["--url"] else lora_server[1]
+    out = tmp_path / "never.png"
+    cli = run_module("service.client", "fox", "-o", str(out), *protocol, address, "--lora", "nope", "--steps", "2")
+    assert cli.returncode == 1 and not out.exists()
+    assert "Traceback" not in cli.stderr, cli.stderr
+    last = cli.stderr.strip().splitlines()[-1]  # the lines before are libraries' import warnings
+    assert last.startswith("error: ") and "loras[0].name: no LoRA adapter 'nope'" in last, cli.stderr
+
+
 def test_adapters_travel_in_the_bento_and_through_export_and_import(tiny_int8_tag, tiny_loras, tmp_path):
     built = run_module(
         "bentoml", "build", ".", "--output", "tag", env={"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_LORAS": "tiny-a,tiny-b"}
@@ -451,3 +519,7 @@ def test_adapters_travel_in_the_bento_and_through_export_and_import(tiny_int8_ta
     bentoml.models.import_model(str(exported))
     manifest, pairs = load_adapter(stored("tiny-c"))
     assert manifest.rank == 16 and pairs
+
+
+def test_the_cache_warning_states_sizes_in_units_that_show_them():
+    assert [human_bytes(n) for n in (0, 28 * 1024, 512 * 2**20, 3 * 2**30)] == ["0 B", "28.0 KB", "512.0 MB", "3.0 GB"]

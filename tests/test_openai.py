@@ -105,6 +105,17 @@ def test_unknown_field_and_url_without_a_store_are_named(client):
     assert caught.value.param == "response_format"
 
 
+def test_a_body_that_is_not_valid_json_names_no_field(server):
+    response = httpx.post(
+        f"{server[0]}/v1/images/generations",
+        content=b'{"prompt": "fox"',
+        headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+    )
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] is None and error["code"] == "invalid_json"
+    assert error["message"].startswith("the body is not valid JSON")
+
+
 def test_unknown_model_is_not_found(client):
     with pytest.raises(openai.NotFoundError) as caught:
         client.images.generate(model="dall-e-3", prompt="a fox", size="256x256", extra_body=FAST)

@@ -23,11 +23,17 @@ SMALL = dict(width=128, height=128, steps=2)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_int8_tag, tmp_path_factory):
+def served(tiny_int8_tag, tmp_path_factory):
+    """The server's URL and its log."""
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}"}
     with running_server(free_port(), log, env=env) as url:
-        yield url
+        yield url, log
+
+
+@pytest.fixture(scope="module")
+def server(served) -> str:
+    return served[0]
 
 
 def txt2img(url: str, **fields) -> httpx.Response:
@@ -78,9 +84,17 @@ BAD_INPUTS = [
     ({"prompt": "fox", "steps": 0}, "steps"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": "   "}, "prompt"),
-    ({"prompt": "x" * 100_000}, "prompt"),
+    ({"prompt": "x" * 3000}, "prompt"),  # over 2000 characters, within the body limit
     ({"prompt": "fox", "guidance": -1}, "guidance"),
     ({"width": 128}, "prompt"),
+    ({"prompt": "fox", "seed": True}, "seed"),
+    ({"prompt": "fox", "width": "64"}, "width"),
+    ({"prompt": "fox", "width": 64.0}, "width"),
+    ({"prompt": "fox", "steps": 1.0}, "steps"),
+    ({"prompt": "fox", "quality": "90"}, "quality"),
+    ({"prompt": "fox", "guidance": True}, "guidance"),
+    ({"prompt": "a fox\x00"}, "prompt"),
+    ({"prompt": "a \x1b[31mred\x1b[0m fox"}, "prompt"),
 ]
 
 
@@ -89,6 +103,45 @@ def test_bad_input_is_a_4xx_naming_the_field(server, fields, field):
     response = httpx.post(f"{server}/txt2img", json=fields, timeout=60)
     assert response.status_code == 400
     assert [field] in [error["loc"] for error in response.json()["detail"]]
+
+
+def test_a_400_carries_a_request_id_and_is_logged_with_it(served):
+    url, log = served
+    response = httpx.post(f"{url}/txt2img", json={"prompt": "fox", "seed": True}, timeout=60)
+    rid = response.headers["x-request-id"]
+    assert response.status_code == 400 and len(rid) >= 16
+    assert f"[request {rid}] POST /txt2img: 400" in log.read_text()
+    offered = httpx.post(f"{url}/txt2img", json={"width": 1}, headers={"x-request-id": "mine-42"}, timeout=60)
+    assert offered.status_code == 400 and offered.headers["x-request-id"] == "mine-42"
+
+
+@pytest.mark.parametrize(
+    "path, body, content_type",
+    [
+        ("/txt2img", b"prompt=a&width=64", "application/x-www-form-urlencoded"),
+        ("/txt2img", b'{"prompt": "fox"}', "text/plain"),
+        ("/txt2img", b'{"prompt": "fox"}', None),
+        ("/v1/images/generations", b'{"prompt": "fox"}', "text/plain"),
+    ],
+)
+def test_a_body_that_is_not_json_is_a_415(server, path, body, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    response = httpx.post(f"{server}{path}", content=body, headers=headers, timeout=60)
+    assert response.status_code == 415, response.text
+    assert "JSON" in response.text and response.headers["x-request-id"]
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_read(server):
+    prompt = "x" * (64 * 1024)  # FLUX_MAX_BODY_KB: 64
+    response = httpx.post(f"{server}/txt2img", json={"prompt": prompt}, timeout=60)
+    assert response.status_code == 413 and "over this server's 65536" in response.text
+
+    def chunks():  # no content-length: the limit is counted as the body arrives
+        yield from [b'{"prompt": "' + b"x" * 16384] * 8
+
+    chunked = httpx.post(f"{server}/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413, chunked.text
+    assert_png(txt2img(server, prompt="still here", **SMALL), (128, 128))
 
 
 def test_malformed_json_is_a_400_and_the_server_keeps_serving(server):

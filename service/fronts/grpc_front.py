@@ -9,11 +9,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
-from service.fronts.auth import GrpcBearerAuth
+from service.drain import DRAIN, Drain
+from service.fronts.auth import OPEN_GRPC_PREFIXES, GrpcBearerAuth
 from service.fronts.outcomes import grpc_code
 from service.fronts.stubs import JOBS_SERVICE_NAME, SERVICE_NAME, messages, services
 from service.gateway import Gateway, Rejected
-from service.observe import REQUEST_ID_HEADER, new_request_id
+from service.observe import REQUEST_ID_HEADER, logger, new_request_id, request_id
 from service.runtime.result import Result
 from service.schema import GenerationRequest, ImageFormat, WorkItem, field_path
 from service.settings import Settings
@@ -68,10 +69,33 @@ def work_item(request, rid: str, context) -> WorkItem:
         raise Rejected("refused", describe(error)) from None
 
 
+async def refuse(context, error: Rejected, rid: str) -> None:
+    """End the call with the outcome's code and a message led by the field it is about; log it with its id."""
+    token = request_id.set(rid)
+    logger.info("grpc refused (%s): %s", error.outcome, error.reason)
+    request_id.reset(token)
+    await context.abort(grpc_code(error.outcome), error.reason)
+
+
+class GrpcDrainGate(grpc.aio.ServerInterceptor):
+    """While the server drains, every call but health and reflection ends UNAVAILABLE (clients retry it)."""
+
+    def __init__(self, drain: Drain) -> None:
+        self.drain = drain
+
+    async def intercept_service(self, continuation, details):
+        if not self.drain.draining or details.method.startswith(OPEN_GRPC_PREFIXES):
+            return await continuation(details)
+        return grpc.unary_unary_rpc_method_handler(self._refuse)
+
+    @staticmethod
+    async def _refuse(request, context) -> None:
+        await context.abort(grpc_code("draining"), "the server is shutting down: send the call again")
+
+
 class TextToImage(services.TextToImageServicer):
     def __init__(self, gateway: Gateway, max_in_flight: int) -> None:
         self.gateway, self.max_in_flight, self.in_flight = gateway, max_in_flight, 0
-        self.draining = False  # set at shutdown: new calls are refused, calls in flight finish
 
     async def Generate(self, request, context):
         started, item = time.perf_counter(), await self._admit(request, context)
@@ -96,20 +120,18 @@ class TextToImage(services.TextToImageServicer):
         rid = new_request_id(dict(context.invocation_metadata()).get(REQUEST_ID_HEADER))
         context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
         try:
-            if self.draining:
-                raise Rejected("loading", "the server is shutting down")
             if self.in_flight >= self.max_in_flight:
                 raise Rejected("overloaded", f"over {self.max_in_flight} calls in flight")
             return self.gateway.check([work_item(request, rid, context)])[0]
         except Rejected as error:
-            await context.abort(grpc_code(error.outcome), error.message)
+            await refuse(context, error, rid)
 
     async def _render(self, item: WorkItem, context) -> Result:
         self.in_flight += 1
         try:
             return await self.gateway.render(item)
         except Rejected as error:
-            await context.abort(grpc_code(error.outcome), error.message)
+            await refuse(context, error, item.request_id)
         finally:
             self.in_flight -= 1
 
@@ -134,7 +156,7 @@ class GrpcFront:
         """`jobs`: the flux.v1.Jobs servicer, when the jobs API is on."""
         self.settings = settings
         self.server = grpc.aio.server(
-            interceptors=[GrpcBearerAuth(api_keys)] if api_keys else [],
+            interceptors=[GrpcDrainGate(DRAIN), *([GrpcBearerAuth(api_keys)] if api_keys else [])],
             options=[
                 ("grpc.so_reuseport", 0),
                 *message_limits(settings.grpc_max_send_mb, settings.grpc_max_receive_mb),
@@ -167,12 +189,15 @@ class GrpcFront:
         await self.gateway.wait_for_worker()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
-    async def stop(self) -> None:
-        """NOT_SERVING, refuse new calls, let calls in flight finish within the grace period, then stop
-        (health Watch streams never end by themselves: waiting for them would always use the whole grace)."""
+    async def drain(self) -> None:
+        """NOT_SERVING; new calls are refused by GrpcDrainGate (the server's DRAIN is draining)."""
         self.readiness.cancel()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.servicer.draining = True
+
+    async def stop(self) -> None:
+        """After `drain`: let calls in flight finish within the grace period, then stop (health Watch streams
+        never end by themselves: waiting for them would always use the whole grace)."""
+        await self.drain()
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         while self.servicer.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.1)

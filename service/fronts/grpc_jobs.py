@@ -24,7 +24,7 @@ class Jobs(services.JobsServicer):
         except ValidationError as error:
             return await context.abort(grpc_code("refused"), describe(error))
         except Rejected as error:
-            return await context.abort(grpc_code(error.outcome), error.message)
+            return await context.abort(grpc_code(error.outcome), error.reason)
         return await self._answer(context, self.engine.submit(body, request.idempotency_key or None))
 
     async def GetJob(self, request, context):
@@ -38,13 +38,13 @@ class Jobs(services.JobsServicer):
             async for job in self.engine.watch(request.id):
                 yield await self._message(job)
         except Rejected as error:
-            await context.abort(grpc_code(error.outcome), error.message)
+            await context.abort(grpc_code(error.outcome), error.reason)
 
     async def _answer(self, context, operation):
         try:
             return await self._message(await operation)
         except Rejected as error:
-            await context.abort(grpc_code(error.outcome), error.message)
+            await context.abort(grpc_code(error.outcome), error.reason)
 
     async def _message(self, job: Job):
         view = await self.engine.view(job)

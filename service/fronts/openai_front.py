@@ -13,7 +13,7 @@ import bentoml
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
 from service.fronts.outcomes import http_status
 from service.gateway import Gateway, Rejected
@@ -32,19 +32,23 @@ class ImagesRequest(BaseModel):
 
     prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
     model: str | None = Field(None, description="the served artifact's name (GET /v1/models); default: it")
-    n: Annotated[int, Field(ge=1, description="images of this prompt, seeds seed..seed+n-1, batched together")] = 1
+    n: Annotated[
+        StrictInt, Field(ge=1, description="images of this prompt, seeds seed..seed+n-1, batched together")
+    ] = 1
     size: Annotated[str, Field(pattern=r"^\d{2,4}x\d{2,4}$", description="WIDTHxHEIGHT")] = "1024x1024"
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: ImageFormat = ImageFormat.png
-    output_compression: Annotated[int, Field(ge=1, le=100, description="JPEG/WebP quality")] = 90
+    output_compression: Annotated[StrictInt, Field(ge=1, le=100, description="JPEG/WebP quality")] = 90
     user: str | None = None
     steps: Annotated[
-        int | None, Field(ge=1, le=100, description="extension: denoising steps (unset: the served model's default)")
+        StrictInt | None,
+        Field(ge=1, le=100, description="extension: denoising steps (unset: the served model's default)"),
     ] = None
     guidance: Annotated[
-        float | None, Field(ge=0.0, le=20.0, description="extension: guidance scale, FLUX.1-dev only (unset: 3.5)")
+        StrictFloat | None,
+        Field(ge=0.0, le=20.0, description="extension: guidance scale, FLUX.1-dev only (unset: 3.5)"),
     ] = None
-    seed: Annotated[int, Field(ge=0, lt=2**63, description="extension: seed of the first image")] = 0
+    seed: Annotated[StrictInt, Field(ge=0, lt=2**63, description="extension: seed of the first image")] = 0
     loras: Annotated[list[LoraWeight], Field(max_length=MAX_LORAS, description="extension: LoRA stack")] = []
 
 
@@ -128,6 +132,8 @@ router = APIRouter()
 
 async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0]
+    if first["type"] == "json_invalid":  # its location is a character position, not a field
+        return OpenAIError(400, f"the body is not valid JSON: {first['msg']}", None, "invalid_json").response()
     field = field_path(tuple(part for part in first["loc"] if part != "body")) or None
     return OpenAIError(400, f"{field}: {first['msg']}" if field else first["msg"], field, "invalid_value").response()
 

@@ -15,6 +15,9 @@ OUTCOMES: dict[str, tuple[int, grpc.StatusCode]] = {
     Status.non_finite: (HTTPStatus.INTERNAL_SERVER_ERROR, grpc.StatusCode.INTERNAL),
     Status.refused: (HTTPStatus.BAD_REQUEST, grpc.StatusCode.INVALID_ARGUMENT),  # invalid, or over the plan's limits
     "loading": (HTTPStatus.SERVICE_UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),  # the model is still loading
+    "draining": (HTTPStatus.SERVICE_UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),  # SIGTERM: send it again elsewhere
+    "too_large": (HTTPStatus.REQUEST_ENTITY_TOO_LARGE, grpc.StatusCode.RESOURCE_EXHAUSTED),  # over FLUX_MAX_BODY_KB
+    "unsupported_media_type": (HTTPStatus.UNSUPPORTED_MEDIA_TYPE, grpc.StatusCode.INVALID_ARGUMENT),  # not JSON
     "overloaded": (HTTPStatus.TOO_MANY_REQUESTS, grpc.StatusCode.RESOURCE_EXHAUSTED),  # over the in-flight limit
     "queue_full": (HTTPStatus.SERVICE_UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED),  # queue would wait too long
     "timeout": (HTTPStatus.GATEWAY_TIMEOUT, grpc.StatusCode.DEADLINE_EXCEEDED),  # over the traffic timeout

@@ -26,6 +26,14 @@ Pairs = dict[str, LowRank]  # module name -> its low-rank pair
 Stack = list[tuple[Pairs, float]]  # (adapter, request scale) in the order the request lists them
 
 
+def human_bytes(count: int) -> str:
+    """1234567 -> '1.2 MB', 28672 -> '28.0 KB', 0 -> '0 B'."""
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
 def pair_bytes(pairs: Pairs) -> int:
     return sum(t.numel() * t.element_size() for pair in pairs.values() for t in (pair.down, pair.up))
 
@@ -57,15 +65,28 @@ class AdapterCache:
                 )
         return None
 
+    def load(self, items: list[WorkItem]) -> dict[str, str]:
+        """Put every adapter the items name on the device, evicting others as needed to stay within the bound.
+        Returns the names that could not be read, with why: each is logged and counted once per batch, and not
+        remembered (a later batch tries again: a file put right serves at once)."""
+        broken, kept = {}, set()
+        for name in dict.fromkeys(lora.name for item in items for lora in item.loras):
+            folder = self.find(name)
+            try:
+                if folder is None:
+                    raise LoraError("it was removed from the store")
+                self._load(folder)
+                kept.add(folder)
+            except LoraError as error:
+                LORA_CACHE.labels(result="unreadable").inc()
+                logger.error("LoRA adapter %r cannot be read: %s", name, error)
+                broken[name] = str(error)
+        self._evict(keep=kept)
+        return broken
+
     def stacks(self, items: list[WorkItem]) -> list[Stack]:
-        """Each item's stack, its adapters on the device; others evicted as needed to stay within the bound."""
-        folders = {lora.name: self.find(lora.name) for item in items for lora in item.loras}
-        for name, folder in folders.items():
-            if folder is None:
-                raise LoraError(f"LoRA adapter {name!r} was removed from the store")
-            self._load(folder)
-        self._evict(keep=set(folders.values()))
-        return [[(self.entries[folders[lora.name]], lora.scale) for lora in item.loras] for item in items]
+        """Each item's stack, from the adapters `load` put on the device."""
+        return [[(self.entries[self.find(lora.name)], lora.scale) for lora in item.loras] for item in items]
 
     def _load(self, folder: Path) -> None:
         if folder in self.entries:
@@ -89,9 +110,9 @@ class AdapterCache:
             self.bytes -= pair_bytes(self.entries.pop(name))
         if self.bytes > self.max_bytes:
             logger.warning(
-                "one batch's LoRA adapters take %.0f MB, over FLUX_LORA_CACHE_MB (%.0f MB)",
-                self.bytes / 2**20,
-                self.max_bytes / 2**20,
+                "one batch's LoRA adapters take %s, over FLUX_LORA_CACHE_MB (%s)",
+                human_bytes(self.bytes),
+                human_bytes(self.max_bytes),
             )
 
 

@@ -14,7 +14,6 @@ import torch
 from diffusers import FluxPipeline
 
 from models.architecture import decode_in_float32, variant_of
-from models.lora import LoraError
 from service.observe import (
     CANCELLATIONS,
     OOM_SPLITS,
@@ -90,12 +89,12 @@ class Renderer:
     def render(self, items: list[WorkItem]) -> list[Result]:
         """One Result per item, in order; a batch may mix shapes. Unset steps and guidance take the variant's."""
         items = [with_defaults(item, self.variant) for item in items]
-        results: list[Result | None] = [None] * len(items)
+        results: list[Result | None] = [self._left(item, "queued") or self._refusal(item) for item in items]
+        if self.adapters is not None:
+            broken = self.adapters.load([item for item, result in zip(items, results, strict=True) if result is None])
+            results = [result or unreadable(item, broken) for item, result in zip(items, results, strict=True)]
         for indices in group_by_shape(items).values():
-            live = []
-            for i in indices:
-                results[i] = self._left(items[i], "queued") or self._refusal(items[i])
-                live += [i] if results[i] is None else []
+            live = [i for i in indices if results[i] is None]
             size = self.placement.max_batch(items[indices[0]].side)
             pending = [live[start : start + size] for start in range(0, len(live), size)]
             while pending:
@@ -140,9 +139,6 @@ class Renderer:
             return self._render_group(group)
         except torch.OutOfMemoryError:
             logger.warning("out of memory at batch %d of %dx%d", len(group), group[0].width, group[0].height)
-        except LoraError as error:  # a stored adapter that fails its check: these items fail, the worker goes on
-            logger.error("%s", error)
-            return [failure(Status.error, f"a LoRA adapter of this batch could not be read: {error}")] * len(group)
         return None
 
     def _render_group(self, group: list[WorkItem]) -> list[Result]:
@@ -241,6 +237,15 @@ class Renderer:
         latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
         image = check_finite(vae.decode(latents.to(vae.device), return_dict=False)[0], "decoded image")
         return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
+def unreadable(item: WorkItem, broken: dict[str, str]) -> Result | None:
+    """The failure of an item whose stack names an adapter that could not be read, else None."""
+    for index, lora in enumerate(item.loras):
+        if lora.name in broken:
+            message = f"the stored LoRA adapter {lora.name!r} cannot be read: {broken[lora.name]}"
+            return failure(Status.error, message, field=f"loras[{index}].name")
+    return None
 
 
 def log_outcome(item: WorkItem, result: Result) -> None:
