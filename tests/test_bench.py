@@ -59,6 +59,7 @@ def test_fails_clearly_when_the_server_is_not_reachable(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # over half a minute: `make test-all`
 def test_run_against_a_tiny_server_writes_json_and_png(tiny_int8_tag, tmp_path):
     mix = tmp_path / "mix.json"  # small shapes: bf16 convolutions are slow on CPUs without avx512_bf16
     mix.write_text(json.dumps([{"width": 64, "height": 64, "steps": 2}, {"width": 128, "height": 128, "steps": 2}]))
@@ -102,6 +103,7 @@ def test_run_against_a_tiny_server_writes_json_and_png(tiny_int8_tag, tmp_path):
     assert "serving overhead" in result.stdout
 
 
+@pytest.mark.slow  # over half a minute: `make test-all`
 def test_cold_start_reports_the_load_over_cat(tiny_int8_tag):
     folder = bentoml.models.get(tiny_int8_tag).path
     result = run_module("bench.cold_start", folder)

@@ -140,6 +140,7 @@ def test_float16_pipelines_give_finite_images_for_long_prompts(hot_t5_tag, tiny_
         assert quality > 30
 
 
+@pytest.mark.slow  # over half a minute: `make test-all`
 def test_a_simulated_t4_serves_in_float16(tiny_int8_tag, tmp_path):
     env = {
         "FLUX_ARTIFACT": tiny_int8_tag,

@@ -191,6 +191,7 @@ def test_cancelling_a_stream_stops_the_render_within_a_step(servers):
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.slow  # over half a minute: `make test-all`
 def test_a_2048_image_fits_the_documented_message_limits(servers):
     reply = FluxGrpcClient(servers[1]).generate(GenerationRequest(prompt="large", width=2048, height=2048, steps=1))
     assert len(reply.image) > 4 * 1024 * 1024  # over gRPC's default 4 MB receive limit

@@ -69,6 +69,7 @@ def test_a_configuration_that_cannot_fit_is_refused():
         plan_placement(flux_dev_weights("int8"), 4 * GIB, 2048, 1)
 
 
+@pytest.mark.slow  # over half a minute: `make test-all`
 def test_the_service_stops_when_the_plan_does_not_fit(tiny_int8_tag):
     """The worker plans at start-up (not at import) and stops the whole server, naming the reason."""
     result = run_module(

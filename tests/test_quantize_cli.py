@@ -1,6 +1,7 @@
 """`python -m quantize` as a user runs it."""
 
 import bentoml
+import pytest
 
 from tests.conftest import run_module
 
@@ -215,6 +216,7 @@ def test_per_component_choice_of_what_to_quantize_and_what_to_keep(tiny_source):
     assert type(pipe.transformer.transformer_blocks[0].attn.to_q) is not torch.nn.Linear
 
 
+@pytest.mark.slow  # over half a minute: `make test-all`
 def test_unknown_component_is_refused(tiny_source):
     result = run_module("quantize", str(tiny_source), "--recipe", "int8", "--keep", "unet=conv_in")
     assert result.returncode == 2 and "unknown component(s) ['unet']" in result.stderr
