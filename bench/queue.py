@@ -2,10 +2,11 @@
 
 Starts a server for the artifact and sends, one at a time over gRPC, the 1st to `--lone`th request after
 start, then `--burst` requests at `--concurrency`, then `--after` lone requests again. Each lone request's
-latency is set against the same request rendered in-process (the renderer alone, prompt embeddings cached
-as on the server), and its queue wait (the worker's own `queue_wait`) against the bucket's bound
-(FLUX_BATCH_WAIT_MS). Target: every lone request within 1.10x its in-process render plus the bound, and
-batches of more than one under the burst. Writes bench-queue.json under --out.
+latency is set against its own render in the worker process (the worker's stage times: text encode,
+denoise, decode, image encode), and its queue wait (the worker's `queue_wait`) against the bucket's bound
+(FLUX_BATCH_WAIT_MS). Target: every lone request within 1.10x its render plus the bound, and batches of
+more than one under the burst. For scale, the same request rendered in this process before the server
+starts (the renderer alone, prompt embeddings cached) is shown too. Writes bench-queue.json under --out.
 """
 
 import argparse
@@ -53,8 +54,9 @@ def lone_requests(client: FluxGrpcClient, request: GenerationRequest, count: int
     for k in range(count):
         started = time.perf_counter()
         reply = client.generate(request.model_copy(update={"seed": seed0 + k}))
-        latency = time.perf_counter() - started
-        rows.append({"latency_s": latency, "queue_s": reply.timings.stages_ms["queue_wait"] / 1000})
+        latency, stages = time.perf_counter() - started, dict(reply.timings.stages_ms)
+        queue = stages.pop("queue_wait") / 1000
+        rows.append({"latency_s": latency, "queue_s": queue, "render_s": sum(stages.values()) / 1000})
     return rows
 
 
@@ -72,37 +74,40 @@ def measure(args: argparse.Namespace) -> dict:
         wall, _, statuses = run_level(grpc_caller(grpc_target), burst, args.concurrency)
         batches = batches_between(before, batch_histogram(httpx.get(f"{url}/metrics").text))
         after_burst = lone_requests(client, request, args.after, seed0=20_000)
-    limit_s = TARGET_RATIO * render_s + bound_s
     lone = after_start + after_burst
     return {
         **request.model_dump(include={"width", "height", "steps"}),
         "artifact": args.artifact,
         "in_process_s": render_s,
         "bound_s": bound_s,
-        "limit_s": limit_s,
         "after_start": after_start,
         "burst": {"requests": args.burst, "concurrency": args.concurrency, "wall_s": wall, "statuses": statuses},
         "burst_batches": batches,
         "after_burst": after_burst,
-        "worst_ratio": max(row["latency_s"] for row in lone) / render_s,
-        "met": all(row["latency_s"] <= limit_s for row in lone) and any(k != "1" for k in batches),
+        "worst_ratio": max(row["latency_s"] / row["render_s"] for row in lone),
+        "worst_queue_s": max(row["queue_s"] for row in lone),
+        "met": all(row["latency_s"] <= TARGET_RATIO * row["render_s"] + bound_s for row in lone)
+        and any(size != "<=1" for size in batches),
     }
 
 
 def print_report(report: dict) -> None:
     table = Table(title=f"lone requests, {report['width']}² {report['steps']} steps: {report['artifact']}")
-    for column in ("request", "latency s", "/ in-process", "queue wait s"):
+    for column in ("request", "latency s", "its render s", "latency / render", "queue wait s"):
         table.add_column(column, justify="right")
     rows = [(f"#{k + 1} after start", row) for k, row in enumerate(report["after_start"])]
     rows += [(f"#{k + 1} after the burst", row) for k, row in enumerate(report["after_burst"])]
     for name, row in rows:
-        ratio = row["latency_s"] / report["in_process_s"]
-        table.add_row(name, f"{row['latency_s']:.3f}", f"{ratio:.3f}×", f"{row['queue_s']:.3f}")
+        ratio = row["latency_s"] / row["render_s"]
+        table.add_row(
+            name, *(f"{row[key]:.3f}" for key in ("latency_s", "render_s")), f"{ratio:.3f}×", f"{row['queue_s']:.3f}"
+        )
     console = Console()
     console.print(table)
     console.print(
-        f"in-process render {report['in_process_s']:.3f} s, bound {report['bound_s'] * 1000:.0f} ms: limit "
-        f"{report['limit_s']:.3f} s; burst batches {report['burst_batches']}; target met: {report['met']}"
+        f"render in this process before the server: {report['in_process_s']:.3f} s; bound "
+        f"{report['bound_s'] * 1000:.0f} ms; worst latency/render {report['worst_ratio']:.3f}×, worst queue wait "
+        f"{report['worst_queue_s'] * 1000:.0f} ms; burst batches {report['burst_batches']}; target met: {report['met']}"
     )
 
 
