@@ -65,16 +65,21 @@ def step_inputs(size: int, text_tokens: int = 512) -> dict:
     )
 
 
+def loaded_stacks(cache: AdapterCache, names: list[str]) -> list:
+    """One item per adapter name, each with its adapter on the device: their stacks."""
+    items = [WorkItem(prompt="x", loras=[LoraWeight(name=name)]) for name in names]
+    if broken := cache.load(items):
+        raise SystemExit(f"adapters that cannot be read: {broken}")
+    return cache.stacks(items)
+
+
 @torch.no_grad()
 def step_seconds(
     transformer: torch.nn.Module, inputs: dict, adapters: dict[int, dict[str, Path]], repeats: int
 ) -> dict[str, float]:
     """Median forward seconds without LoRA and with BATCH different adapters per rank, runs interleaved."""
     runs: dict[str, list[float]] = {"none": []} | {f"rank {rank}": [] for rank in adapters}
-    stacks = {
-        rank: cache_for(found).stacks([WorkItem(prompt="x", loras=[LoraWeight(name=name)]) for name in sorted(found)])
-        for rank, found in adapters.items()
-    }
+    stacks = {rank: loaded_stacks(cache_for(found), sorted(found)) for rank, found in adapters.items()}
     transformer(**inputs)  # warm-up
     for _ in range(repeats):
         for label in runs:
@@ -92,10 +97,10 @@ def first_use_ms(adapters: dict[str, Path]) -> dict[str, float]:
     """Milliseconds to bring one adapter onto the device: a miss (disk, sha256, move), then a hit."""
     cache, item = cache_for(adapters), WorkItem(prompt="x", loras=[LoraWeight(name=sorted(adapters)[0])])
     started = time.perf_counter()
-    cache.stacks([item])
+    cache.load([item])
     miss = time.perf_counter() - started
     started = time.perf_counter()
-    cache.stacks([item])
+    cache.load([item])
     return {"miss_ms": 1000 * miss, "hit_ms": 1000 * (time.perf_counter() - started), "mb": cache.bytes / 2**20}
 
 

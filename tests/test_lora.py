@@ -120,6 +120,7 @@ def ours(transformer: torch.nn.Module, device_dtype=torch.bfloat16) -> torch.Ten
     """The transformer's output with STACK applied by our runtime (adapters read from the store)."""
     cache = AdapterCache(lambda name: stored(name), lambda: [], 1 << 30, torch.device("cpu"), device_dtype)
     item = WorkItem(prompt="x", loras=[LoraWeight(name=name, scale=scale) for name, scale in STACK])
+    assert cache.load([item]) == {}
     with stacks_applied(transformer, cache.stacks([item])):
         return forward(transformer)
 
