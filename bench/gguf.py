@@ -18,18 +18,22 @@ from models.artifact import load_pipeline
 from models.gguf_file import gguf_from_diffusers
 from models.source import load_source_pipeline, resolve_source
 from quantize.recipes import RECIPES
-from quantize.store import quantize_to_store
+from quantize.store import StoredArtifact, quantize_to_store
 from quantize.validate import compare, render
 
 
-def measure(source_folder: Path, kind: str, work: Path, reference, size: int, steps: int) -> dict:
+def store(source_folder: Path, kind: str, work: Path, name: str) -> StoredArtifact:
     """`kind`: a GGML type (a GGUF file stored with the gguf recipe) or one of our recipes (from the bf16 source)."""
     if kind in RECIPES:
         source, recipe = resolve_source(str(source_folder)), RECIPES[kind]
     else:
-        path = gguf_from_diffusers(source_folder / "transformer", work / f"flux-bench-{kind}.gguf", kind)
+        path = gguf_from_diffusers(source_folder / "transformer", work / f"{name}.gguf", kind)
         source, recipe = resolve_source(str(path), base=str(source_folder)), RECIPES["gguf"]
-    stored = quantize_to_store(source, recipe, f"bench-{kind.lower()}", gate=None)
+    return quantize_to_store(source, recipe, name, gate=None)
+
+
+def measure(source_folder: Path, kind: str, work: Path, reference, size: int, steps: int) -> dict:
+    stored = store(source_folder, kind, work, f"bench-{kind.lower()}")
     folder = Path(bentoml.models.get(stored.tag).path)
     started = time.perf_counter()
     pipe = load_pipeline(folder)[0]  # every shard's sha256 checked, as the service loads it

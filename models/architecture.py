@@ -7,7 +7,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
-from models.tokenizers import CLIP_MAX_LENGTH, build_clip_tokenizer, build_t5_tokenizer
+from models.tokenizers import CLIP_MAX_LENGTH, T5_MAX_LENGTH, build_clip_tokenizer, build_t5_tokenizer
+from models.toy.scenes import VOCABULARY
 
 # black-forest-labs/FLUX.1-dev, component by component.
 FLUX_DEV_TRANSFORMER = dict(
@@ -87,6 +88,10 @@ class Variant:
     def takes_guidance(self) -> bool:
         return self.guidance > 0
 
+    def reading(self, t5_tokens: int | None) -> "Variant":
+        """The variant for a model whose T5 tokenizer reads at most `t5_tokens` (the toy model reads fewer)."""
+        return replace(self, max_sequence_length=min(self.max_sequence_length, t5_tokens or self.max_sequence_length))
+
 
 VARIANTS = {
     "dev": Variant("dev", steps=28, max_steps=100, guidance=3.5, max_sequence_length=512),
@@ -94,9 +99,13 @@ VARIANTS = {
 }
 
 
-def variant_of(transformer_config: dict) -> Variant:
+def variant_of(transformer_config: dict, t5_tokens: int | None = None) -> Variant:
     """dev has a guidance embedding, schnell does not: the transformer's config tells them apart."""
-    return VARIANTS["dev" if transformer_config.get("guidance_embeds", True) else "schnell"]
+    return VARIANTS["dev" if transformer_config.get("guidance_embeds", True) else "schnell"].reading(t5_tokens)
+
+
+def pipeline_variant(pipe: FluxPipeline) -> Variant:
+    return variant_of(pipe.transformer.config, pipe.tokenizer_2.model_max_length)
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,8 @@ class FluxPreset:
     clip: dict = field(default_factory=dict)
     vae: dict = field(default_factory=dict)
     scheduler: dict = field(default_factory=dict)
+    words: tuple[str, ...] = ()  # whole-word T5 pieces (the toy model's captions)
+    t5_tokens: int = T5_MAX_LENGTH  # T5 tokens the model reads
 
     def schnell(self) -> "FluxPreset":
         """The same scale as FLUX.1-schnell."""
@@ -177,7 +188,39 @@ DEV_PRESETS = (
     ),
     FluxPreset("full", "the real FLUX.1-dev size (12B transformer, T5-XXL encoder)"),
 )
-PRESETS = {preset.name: preset for preset in (*DEV_PRESETS, *(preset.schnell() for preset in DEV_PRESETS))}
+TOY = FluxPreset(
+    "toy",
+    "128-wide, 2 double + 2 single blocks, 64² pictures: trained here to draw shapes (python -m models train)",
+    transformer=dict(
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+        axes_dims_rope=(8, 12, 12),
+    ),
+    t5=dict(_TINY_VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4),
+    clip=dict(
+        _TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        projection_dim=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    ),
+    vae=dict(
+        block_out_channels=(16, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    ),
+    words=VOCABULARY,
+    t5_tokens=40,
+)
+PRESETS = {preset.name: preset for preset in (*DEV_PRESETS, *(preset.schnell() for preset in DEV_PRESETS), TOY)}
 
 
 MODULES = ("vae", "text_encoder", "text_encoder_2", "transformer")  # in the order their random weights are drawn
@@ -199,9 +242,9 @@ def build_pipeline(preset_name: str, seed: int = 0, dtype: torch.dtype = torch.b
     torch.manual_seed(seed)
     modules = {name: build_module(preset_name, name).to(dtype).eval() for name in MODULES}
     scheduler = FlowMatchEulerDiscreteScheduler(**PRESETS[preset_name].scheduler_config())
-    return FluxPipeline(
-        scheduler=scheduler, tokenizer=build_clip_tokenizer(), tokenizer_2=build_t5_tokenizer(), **modules
-    )
+    preset = PRESETS[preset_name]
+    tokenizer_2 = build_t5_tokenizer(preset.words, preset.t5_tokens)
+    return FluxPipeline(scheduler=scheduler, tokenizer=build_clip_tokenizer(), tokenizer_2=tokenizer_2, **modules)
 
 
 def decode_in_float32(vae: AutoencoderKL) -> None:

@@ -19,6 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from pydantic import BaseModel
 from transformers import AutoConfig, CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from models.architecture import VARIANTS, Variant
 from models.backends import BACKENDS, rebuild
 from models.tensors import INDEX, read_shards
 
@@ -55,6 +56,7 @@ class Manifest(BaseModel):
     recipe: str
     backend: str
     variant: str = "dev"  # FLUX.1 dev or schnell (models.architecture.VARIANTS): the service's defaults and bounds
+    t5_tokens: int | None = None  # T5 tokens the model reads, when fewer than its variant's (the toy model)
     components: dict[str, Component]
     files: dict[str, str]  # relative path -> sha256
     libraries: dict[str, str]
@@ -68,6 +70,10 @@ class Manifest(BaseModel):
             if path.split("/")[0] in components:
                 digest.update(f"{path}:{file_hash}\n".encode())
         return digest.hexdigest()
+
+    @property
+    def served_variant(self) -> Variant:
+        return VARIANTS[self.variant].reading(self.t5_tokens)
 
     @property
     def total_bytes(self) -> int:

@@ -49,7 +49,9 @@ class Source:
 
     @property
     def variant(self) -> Variant:
-        return variant_of(json.loads((self.path / "transformer" / "config.json").read_text()))
+        tokenizer = self.path / "tokenizer_2" / "tokenizer_config.json"
+        t5_tokens = json.loads(tokenizer.read_text()).get("model_max_length") if tokenizer.is_file() else None
+        return variant_of(json.loads((self.path / "transformer" / "config.json").read_text()), t5_tokens)
 
     def tensors(self, component: str) -> TensorFiles:
         """A component's weights, by the names its diffusers/transformers class uses."""

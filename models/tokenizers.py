@@ -17,9 +17,11 @@ def build_clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)
 
 
-def build_t5_tokenizer() -> T5TokenizerFast:
-    """Unigram over printable ASCII, each character with and without the word-start mark."""
+def build_t5_tokenizer(words: tuple[str, ...] = (), max_length: int = T5_MAX_LENGTH) -> T5TokenizerFast:
+    """Unigram over printable ASCII, each character with and without the word-start mark; `words` are whole
+    pieces (one token each), and `max_length` the T5 tokens the model reads."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     for char in string.printable.strip():
         pieces += [(char, -5.0), ("▁" + char, -4.0)]
-    return T5TokenizerFast(vocab=pieces, model_max_length=T5_MAX_LENGTH)
+    pieces += [("▁" + word, -1.0) for word in words]
+    return T5TokenizerFast(vocab=pieces, model_max_length=max_length)

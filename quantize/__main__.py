@@ -53,11 +53,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--min-psnr", type=float, help="fail (store nothing) below this image PSNR in dB")
     parser.add_argument(
+        "--min-adherence",
+        type=float,
+        help="the trained toy model: fail (store nothing) when the checker finds fewer than this share (0–1) of "
+        "the gate's held-out prompts drawn as asked",
+    )
+    parser.add_argument(
         "--skip-validation",
         action="store_true",
         help="no reference-vs-quantized renders (for the full model on a small machine)",
     )
-    parser.add_argument("--validation-size", type=int, default=256, help="side of the validation images")
+    parser.add_argument(
+        "--validation-size", type=int, default=256, help="side of the validation images (the toy model: its 64)"
+    )
     parser.add_argument("--validation-steps", type=int, default=4)
     parser.add_argument("--name", help="model-store name (default: <source>-<recipe>)")
     parser.add_argument("--revision", help="hub revision when SOURCE is a repo id")
@@ -146,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             def module_done(component: str, done: int, total: int) -> None:
                 status.update(f"writing {component}: module {done}/{total}")
 
-            gate = None if args.skip_validation else Gate(args.validation_size, args.validation_steps, args.min_psnr)
+            gate = (
+                None
+                if args.skip_validation
+                else Gate(args.validation_size, args.validation_steps, args.min_psnr, args.min_adherence)
+            )
             stored = quantize_to_store(
                 source, recipe, args.name or f"{source.slug}-{recipe.name}", step, gate, module_done
             )
@@ -166,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             f"quality vs unquantized ({quality['size']}², {quality['steps']} steps, {len(quality['per_prompt'])} "
             f"prompts): image PSNR {quality['image_psnr_db']:.2f} dB, SSIM {quality['image_ssim']:.4f}; "
             f"latent PSNR {quality['latent_psnr_db']:.2f} dB, SSIM {quality['latent_ssim']:.4f}"
+        )
+    if quality and quality.get("adherence") is not None:
+        print(
+            f"adherence: the checker finds {quality['adherence']:.0%} of {len(quality['per_prompt'])} held-out "
+            f"prompts drawn as asked (unquantized: {quality['reference_adherence']:.0%})"
         )
     print(f"estimated GPU peak at 1024², everything resident: {stored.manifest.estimated_peak_gib_1024:.2f} GiB")
     print(stored.tag)

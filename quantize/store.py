@@ -12,9 +12,13 @@ from models.architecture import MODULES
 from models.artifact import COMPONENT_CLASSES, MANIFEST, Component, Manifest, folder_bytes, hash_files, load_pipeline
 from models.sizes import resident_peak_bytes
 from models.source import Source, SourceError, load_source_pipeline
+from models.toy import SIZE as TOY_SIZE
+from models.toy import STEPS as TOY_STEPS
+from models.toy import is_trained_toy
+from models.toy.checker import adherence
 from quantize.recipes import Recipe
 from quantize.stream import Progress, write_component
-from quantize.validate import PROMPTS, QualityReport, compare, contact_sheet, render
+from quantize.validate import PROMPTS, TOY_PROMPTS, TOY_SCENES, QualityReport, compare, contact_sheet, render
 
 CONTACT_SHEET = "validation/contact_sheet.png"  # reference row above the quantized row
 
@@ -35,6 +39,7 @@ class Gate:
     size: int = 256
     steps: int = 4
     min_psnr_db: float | None = None
+    min_adherence: float | None = None  # the trained toy model only: share of the checker's prompts drawn as asked
 
 
 class QualityGateFailed(RuntimeError):
@@ -54,6 +59,11 @@ def quantize_to_store(
         raise SourceError(
             f"recipe {recipe.name} keeps the blocks of a GGUF file: {source.id} is not a .gguf transformer"
         )
+    if gate and gate.min_adherence is not None and not is_trained_toy(source.path):
+        raise SourceError(
+            f"--min-adherence needs a model whose pictures the checker reads (the trained toy model: python -m "
+            f"models toy --out DIR); {source.id} is not one"
+        )
     source_bytes = {component: source.tensors(component).bf16_bytes() for component in MODULES}
     check_free_disk(expected_artifact_bytes(source_bytes, recipe), [Path(tempfile.gettempdir()), store_path()])
     labels = {"recipe": recipe.name, "backend": recipe.backend, "source": source.slug, "variant": source.variant.name}
@@ -68,6 +78,7 @@ def quantize_to_store(
                 recipe=recipe.name,
                 backend=recipe.backend,
                 variant=source.variant.name,
+                t5_tokens=source.variant.max_sequence_length,
                 components=components,
                 files={},
                 libraries={library: version(library) for library in LIBRARIES},
@@ -108,20 +119,36 @@ def write_artifact(source: Source, recipe: Recipe, folder: Path, step, progress:
 
 
 def run_gate(source: Source, folder: Path, gate: Gate, step) -> QualityReport:
-    """Render with the unquantized source, then with the artifact as the service will load it; compare."""
-    step(f"rendering {len(PROMPTS)} reference images ({gate.size}², {gate.steps} steps)")
-    reference = render(load_source_pipeline(source), gate.size, gate.steps)
+    """Render with the unquantized source, then with the artifact as the service will load it; compare. The
+    trained toy model is rendered at its own size and steps, on held-out prompts, and read back by the checker."""
+    toy = is_trained_toy(source.path)
+    prompts, size, steps = (TOY_PROMPTS, TOY_SIZE, TOY_STEPS) if toy else (PROMPTS, gate.size, gate.steps)
+    step(f"rendering {len(prompts)} reference images ({size}², {steps} steps)")
+    reference = render(load_source_pipeline(source), size, steps, prompts, batch=len(prompts))
     step("rendering the same prompts and seeds with the artifact")
-    candidate = render(load_pipeline(folder, verify=False)[0], gate.size, gate.steps)
-    quality = compare(reference, candidate, gate.size, gate.steps)
+    candidate = render(load_pipeline(folder, verify=False)[0], size, steps, prompts, batch=len(prompts))
+    quality = compare(reference, candidate, size, steps, prompts)
+    if toy:
+        quality.reference_adherence = adherence(TOY_SCENES, reference.images)["all"]
+        quality.adherence = adherence(TOY_SCENES, candidate.images)["all"]
     (folder / CONTACT_SHEET).parent.mkdir(parents=True, exist_ok=True)
     (folder / CONTACT_SHEET).write_bytes(contact_sheet(reference, candidate))
+    judge_quality(quality, gate)
+    return quality
+
+
+def judge_quality(quality: QualityReport, gate: Gate) -> None:
     if gate.min_psnr_db is not None and quality.image_psnr_db < gate.min_psnr_db:
         raise QualityGateFailed(
             f"image PSNR {quality.image_psnr_db:.2f} dB is below --min-psnr "
             f"{gate.min_psnr_db:.2f} dB (SSIM {quality.image_ssim:.4f}); nothing was stored"
         )
-    return quality
+    if gate.min_adherence is not None and quality.adherence < gate.min_adherence:
+        raise QualityGateFailed(
+            f"adherence {quality.adherence:.2f} (the checker found {quality.adherence:.0%} of the gate's prompts "
+            f"drawn as asked; unquantized {quality.reference_adherence:.0%}) is below --min-adherence "
+            f"{gate.min_adherence:.2f}; nothing was stored"
+        )
 
 
 def estimated_peak_gib(components: dict) -> float:

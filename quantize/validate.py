@@ -10,13 +10,16 @@ from PIL import Image
 from pydantic import BaseModel
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from models.architecture import decode_in_float32, variant_of
+from models.architecture import decode_in_float32, pipeline_variant
+from models.toy.scenes import held_out_prompts
 
 PROMPTS = (
     ("a lighthouse on a cliff at dawn, oil painting", 1),
     ("a red fox in fresh snow, photograph", 2),
     ("a bowl of ramen, studio lighting, top view", 3),
 )
+TOY_SCENES = held_out_prompts(20, things=1, seed=11)  # the trained toy model's gate: prompts it never saw drawn
+TOY_PROMPTS = tuple((scene.caption(), seed) for seed, scene in enumerate(TOY_SCENES))
 
 
 @dataclass
@@ -33,42 +36,49 @@ class QualityReport(BaseModel):
     latent_psnr_db: float
     latent_ssim: float
     per_prompt: list[dict]
+    adherence: float | None = None  # the toy model: share of held-out prompts the checker finds drawn as asked
+    reference_adherence: float | None = None  # the same, unquantized
 
 
 @torch.no_grad()
-def render(pipe: FluxPipeline, size: int, steps: int) -> Renders:
-    """Fixed prompts and seeds; latents kept before decoding so both can be compared.
+def render(
+    pipe: FluxPipeline, size: int, steps: int, prompts: tuple[tuple[str, int], ...] = PROMPTS, batch: int = 1
+) -> Renders:
+    """Prompts with their seeds, `batch` at a time; latents kept before decoding so both can be compared.
 
     Both sides decode in float32 (the VAE is not quantized, so the comparison is unchanged).
     """
     pipe.set_progress_bar_config(disable=True)
     decode_in_float32(pipe.vae)
     images, latents = [], []
-    variant = variant_of(pipe.transformer.config)
-    for prompt, seed in PROMPTS:
+    variant = pipeline_variant(pipe)
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
         packed = pipe(
-            prompt,
+            [prompt for prompt, _ in chunk],
             height=size,
             width=size,
             num_inference_steps=steps,
             output_type="latent",
             guidance_scale=variant.guidance,
             max_sequence_length=variant.max_sequence_length,
-            generator=torch.Generator().manual_seed(seed),
+            generator=[torch.Generator().manual_seed(seed) for _, seed in chunk],
         ).images
         unpacked = pipe._unpack_latents(packed, size, size, pipe.vae_scale_factor)
         decoded = pipe.vae.decode(
             unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor, return_dict=False
         )[0]
-        images.append(np.asarray(pipe.image_processor.postprocess(decoded, output_type="pil")[0]))
-        latents.append(unpacked[0].float().numpy())
+        images += [np.asarray(image) for image in pipe.image_processor.postprocess(decoded, output_type="pil")]
+        latents += [latent.float().numpy() for latent in unpacked]
     return Renders(images, latents)
 
 
-def compare(reference: Renders, candidate: Renders, size: int, steps: int) -> QualityReport:
+def compare(
+    reference: Renders, candidate: Renders, size: int, steps: int, prompts: tuple[tuple[str, int], ...] = PROMPTS
+) -> QualityReport:
     rows = []
     for (prompt, seed), ref_image, image, ref_latent, latent in zip(
-        PROMPTS, reference.images, candidate.images, reference.latents, candidate.latents, strict=True
+        prompts, reference.images, candidate.images, reference.latents, candidate.latents, strict=True
     ):
         latent_range = float(ref_latent.max() - ref_latent.min()) or 1.0
         rows.append(

@@ -143,6 +143,7 @@ class Limits(BaseModel):
     max_side: int
     max_batch: dict[int, int]  # resolution bucket -> largest batch the plan allows
     variant: str = "dev"  # models.architecture.VARIANTS: defaults and bounds of steps, guidance and prompts
+    t5_tokens: int | None = None  # what the model's T5 reads, when fewer than its variant's
 
     def admit(self, items: list[WorkItem]) -> list[WorkItem]:
         """The items with the variant's defaults filled in, once they pass `check`."""
@@ -169,7 +170,7 @@ class Limits(BaseModel):
 
     def check_variant(self, item: GenerationRequest) -> None:
         """FLUX.1-schnell: no guidance, at most 12 steps, prompts within its 256 T5 tokens."""
-        variant = VARIANTS[self.variant]
+        variant = VARIANTS[self.variant].reading(self.t5_tokens)
         if item.guidance and not variant.takes_guidance:
             raise Refused(
                 "guidance",

@@ -14,7 +14,6 @@ from typing import Annotated
 import bentoml
 from starlette.responses import JSONResponse, Response
 
-from models.architecture import VARIANTS
 from models.artifact import load_pipeline, read_manifest
 from models.kernels import choose_dtype, kernel_note, refusal, runnable
 from models.lora import architecture_id
@@ -188,7 +187,12 @@ class FluxWorker:
 
     @bentoml.api
     async def limits(self) -> Limits:
-        return Limits(max_side=SETTINGS.max_resolution, max_batch=self.plan.max_batch, variant=self.manifest.variant)
+        return Limits(
+            max_side=SETTINGS.max_resolution,
+            max_batch=self.plan.max_batch,
+            variant=self.manifest.variant,
+            t5_tokens=self.manifest.t5_tokens,
+        )
 
     @bentoml.api
     async def progress(self, request_id: str) -> int:
@@ -218,7 +222,7 @@ class FluxWorker:
             "cache_bytes": self.adapters.bytes,
             "cache_limit_bytes": self.adapters.max_bytes,
         }
-        variant = VARIANTS[self.manifest.variant]
+        variant = self.manifest.served_variant
         card = {
             "capability": ".".join(map(str, self.capability)) if self.capability else None,
             "compute_dtype": str(self.dtype).removeprefix("torch."),

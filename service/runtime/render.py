@@ -13,7 +13,7 @@ from contextlib import nullcontext
 import torch
 from diffusers import FluxPipeline
 
-from models.architecture import decode_in_float32, variant_of
+from models.architecture import decode_in_float32, pipeline_variant
 from service.observe import (
     CANCELLATIONS,
     OOM_SPLITS,
@@ -80,7 +80,7 @@ class Renderer:
     ) -> None:
         self.pipe, self.placement, self.cache, self.board = pipe, placement, cache, board or Board()
         self.adapters = adapters
-        self.variant = variant_of(pipe.transformer.config)
+        self.variant = pipeline_variant(pipe)
         placement.apply(pipe)
         if placement.device.type == "cpu" or pipe.vae.dtype == torch.float16:  # no fast bf16 / fp16 range
             decode_in_float32(pipe.vae)

@@ -1,0 +1,92 @@
+"""The toy model's pictures, the checker that reads them back, and the command that trains it."""
+
+import json
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from diffusers import FluxPipeline
+from PIL import Image
+
+from models.artifact import hash_files
+from models.toy import TRAINED
+from models.toy.checker import ATTRIBUTES, adherence, hollowness, judge, read, saturation
+from models.toy.scenes import COLOURS, HELD_OUT, SHAPES, Scene, every_pair_kept, parse_caption, sample_scene
+from models.toy.train import Schedule, train, train_lora
+
+
+def scenes(count: int, seed: int = 0) -> list[Scene]:
+    rng = random.Random(seed)
+    return [sample_scene(rng, "train" if i % 2 else "held_out") for i in range(count)]
+
+
+def test_the_checker_reads_at_least_98_percent_of_generated_pictures_entirely_right():
+    asked = scenes(600)
+    shares = adherence(asked, [scene.draw() for scene in asked])
+    assert shares["all"] >= 0.98, shares
+    assert all(shares[attribute] >= 0.98 for attribute in ATTRIBUTES), shares
+
+
+@pytest.mark.parametrize("attribute", ["colour", "shape", "position", "size", "background", "count"])
+def test_the_checker_sees_each_attribute_drawn_wrong(attribute):
+    asked = Scene("white", (sample_scene(random.Random(3), count=1).things[0],))
+    thing = asked.things[0]
+    changed = {
+        "colour": lambda: replace(
+            asked, things=(replace(thing, colour=next(c for c in COLOURS if c != thing.colour)),)
+        ),
+        "shape": lambda: replace(asked, things=(replace(thing, shape=next(s for s in SHAPES if s != thing.shape)),)),
+        "position": lambda: replace(
+            asked, things=(replace(thing, position="centre" if thing.position != "centre" else "top left"),)
+        ),
+        "size": lambda: replace(asked, things=(replace(thing, size="small" if thing.size == "large" else "large"),)),
+        "background": lambda: replace(asked, background="black"),
+        "count": lambda: replace(asked, things=()),
+    }[attribute]()
+    verdict = judge(asked, read(changed.draw()))
+    assert not verdict.matches[attribute] and not verdict.all
+    assert judge(asked, read(asked.draw())).all
+
+
+def test_training_never_draws_a_held_out_combination_yet_draws_every_pair_of_them():
+    rng = random.Random(1)
+    drawn = {thing.combination for _ in range(3000) for thing in sample_scene(rng).things}
+    assert not drawn & HELD_OUT
+    assert every_pair_kept(drawn)
+    assert all(scene.things[0].combination in HELD_OUT for scene in scenes(50)[::2])
+
+
+def test_captions_are_plain_english_and_read_back_to_their_scene():
+    for scene in scenes(300):
+        assert parse_caption(scene.caption()) == scene
+    assert parse_caption("a lighthouse on a cliff at dawn") is None
+
+
+def test_the_style_statistics_tell_the_adapters_effects_apart():
+    asked = scenes(100)
+    plain = [scene.draw() for scene in asked]
+    assert np.mean([hollowness(image) for image in plain]) < 0.05
+    assert np.mean([hollowness(scene.draw("outlined")) for scene in asked]) > 0.3
+    assert np.mean([saturation(image) for image in plain]) > 0.6
+    assert np.mean([saturation(scene.draw("pastel")) for scene in asked]) < 0.45
+
+
+def test_the_training_command_trains_both_models_and_a_lora_and_records_them(tmp_path):
+    schedule = Schedule(vae_steps=3, vae_batch=4, steps=3, batch=8, scenes=16)
+    record = train(tmp_path, seed=0, schedule=schedule, argv=["--out", str(tmp_path)])
+    assert set(record["final_loss"]) == {"VAE", "transformer"}
+    Image.open(tmp_path / "loss.png").verify()
+    pipe = FluxPipeline.from_pretrained(tmp_path)
+    assert pipe.vae.config.scaling_factor != 1.0  # set from the trained VAE's latents
+    train_lora(tmp_path, "pastel", seed=0, schedule=schedule, argv=["--lora", "pastel"])
+    assert (tmp_path / "loras" / "pastel.safetensors").is_file()
+    saved = json.loads((tmp_path / "training.json").read_text())
+    assert saved["files"] == {path: sha for path, sha in hash_files(tmp_path).items() if path != "training.json"}
+
+
+def test_the_committed_weights_are_the_ones_their_record_names():
+    record = json.loads((TRAINED / "training.json").read_text())
+    assert record["command"].startswith("python -m models train")
+    assert record["files"] == {path: sha for path, sha in hash_files(TRAINED).items() if path != "training.json"}
+    assert {"outlined", "pastel"} <= set(record.get("loras", {}))

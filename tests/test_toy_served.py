@@ -1,0 +1,119 @@
+"""The trained toy model as users get it: quantized to int8 (its gate reading adherence), served, asked for
+held-out prompts over HTTP and through the OpenAI API, and with its two LoRA adapters mixed in one batch."""
+
+import base64
+import io
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from bench.report import batch_histogram
+from models.toy import TRAINED
+from models.toy.checker import adherence, hollowness, saturation
+from models.toy.scenes import held_out_prompts
+from service.launcher import running_server
+from tests.conftest import free_port, private_home, run_module
+
+SCENES = held_out_prompts(20, things=1, seed=5)  # combinations training never drew
+SIZE = {"width": 64, "height": 64}
+
+
+def quantize(folder, *options: str):
+    return run_module("quantize", str(folder), "--recipe", "int8", *options)
+
+
+@pytest.fixture(scope="module")
+def toy_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy")
+    shutil.copytree(TRAINED, folder / "flux-toy")
+    result = quantize(folder / "flux-toy", "--min-adherence", "0.85")
+    assert result.returncode == 0, result.stderr
+    assert "adherence: the checker finds" in result.stdout
+    tag = result.stdout.strip().splitlines()[-1]
+    for style in ("outlined", "pastel"):
+        added = run_module(
+            "quantize", "lora", "add", str(TRAINED / "loras" / f"{style}.safetensors"), "--name", style, "--base", tag
+        )
+        assert added.returncode == 0, added.stderr
+    env = {"FLUX_ARTIFACT": tag, "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}", **private_home(folder / "home")}
+    with running_server(free_port(), folder / "server.log", env=env) as url:
+        yield url
+
+
+def txt2img(url: str, **fields) -> Image.Image:
+    response = httpx.post(f"{url}/txt2img", json={**SIZE, **fields}, timeout=300)
+    assert response.status_code == 200, response.text
+    return Image.open(io.BytesIO(response.content))
+
+
+def test_held_out_prompts_are_drawn_as_asked_over_http(toy_server):
+    with ThreadPoolExecutor(4) as pool:
+        images = list(pool.map(lambda i: txt2img(toy_server, prompt=SCENES[i].caption(), seed=i), range(len(SCENES))))
+    shares = adherence(SCENES, images)
+    assert shares["all"] >= 0.85, shares
+
+
+def test_held_out_prompts_are_drawn_as_asked_through_the_openai_api_four_at_a_time(toy_server):
+    client = openai.OpenAI(api_key="unused", base_url=f"{toy_server}/v1", max_retries=0, timeout=300)
+
+    def four(index: int) -> list[Image.Image]:
+        response = client.images.generate(
+            prompt=SCENES[index].caption(), n=4, size="64x64", extra_body={"seed": 100 + 4 * index}
+        )
+        return [Image.open(io.BytesIO(base64.b64decode(image.b64_json))) for image in response.data]
+
+    with ThreadPoolExecutor(2) as pool:
+        images = [image for group in pool.map(four, range(len(SCENES))) for image in group]
+    shares = adherence([scene for scene in SCENES for _ in range(4)], images)
+    assert shares["all"] >= 0.85, shares
+
+
+def test_each_adapter_keeps_its_effect_in_a_batch_mixing_them(toy_server):
+    stacks = {
+        "none": [],
+        "outlined": [{"name": "outlined"}],
+        "pastel": [{"name": "pastel"}],
+        "both": [{"name": "outlined"}, {"name": "pastel"}],
+        "outlined at 0": [{"name": "outlined", "scale": 0.0}],
+    }
+    jobs = [(name, index) for index in range(4) for name in stacks]
+    before = batch_histogram(httpx.get(f"{toy_server}/metrics").text)
+
+    def draw(job: tuple[str, int]) -> Image.Image:
+        name, index = job
+        return txt2img(toy_server, prompt=SCENES[index].caption(), seed=index, loras=stacks[name])
+
+    with ThreadPoolExecutor(len(stacks)) as pool:
+        images = list(pool.map(draw, jobs))
+    after = batch_histogram(httpx.get(f"{toy_server}/metrics").text)
+    assert after[float("inf")] - before.get(float("inf"), 0) > after[1.0] - before.get(1.0, 0), "no batch mixed them"
+    hollow = {
+        name: np.mean([hollowness(i) for (n, _), i in zip(jobs, images, strict=True) if n == name]) for name in stacks
+    }
+    pale = {
+        name: np.mean([saturation(i) for (n, _), i in zip(jobs, images, strict=True) if n == name]) for name in stacks
+    }
+    assert hollow["outlined"] > hollow["none"] + 0.2 and hollow["both"] > hollow["none"] + 0.2, hollow
+    assert pale["pastel"] < pale["none"] - 0.2 and pale["both"] < pale["none"] - 0.2, pale
+    assert abs(hollow["pastel"] - hollow["none"]) < 0.1 and abs(pale["outlined"] - pale["none"]) < 0.15, (hollow, pale)
+    assert hollow["outlined at 0"] == hollow["none"] and pale["outlined at 0"] == pale["none"]
+
+
+def test_the_gate_refuses_an_artifact_that_ignores_its_prompt(tmp_path):
+    """T5's output zeroed: the pictures no longer follow the text, and --min-adherence stores nothing."""
+    shutil.copytree(TRAINED, tmp_path / "flux-toy-mute")
+    path = tmp_path / "flux-toy-mute" / "text_encoder_2" / "model.safetensors"
+    tensors = load_file(path)
+    tensors["encoder.final_layer_norm.weight"] = torch.zeros_like(tensors["encoder.final_layer_norm.weight"])
+    save_file(tensors, path)
+    result = quantize(tmp_path / "flux-toy-mute", "--min-adherence", "0.85", "--name", "toy-mute")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "is below --min-adherence 0.85; nothing was stored" in result.stdout
+    assert "toy-mute" not in run_module("bentoml", "models", "list").stdout
