@@ -80,6 +80,7 @@ def render(pipe, seed: int = 3) -> np.ndarray:
     return np.asarray(image)
 
 
+@pytest.mark.slow  # a quantize run per recipe; tests/test_legacy_artifacts.py renders every format in the fast tier
 @pytest.mark.parametrize("recipe", sorted(set(RECIPES) - {"gguf"}))  # gguf needs a GGUF source: tests/test_gguf.py
 def test_every_recipe_round_trips_a_pipeline_to_the_same_image(recipe, tiny_tag):
     """save -> load gives what the same recipe gives in memory, image for image."""

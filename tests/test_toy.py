@@ -11,7 +11,7 @@ from PIL import Image
 
 from models.artifact import hash_files
 from models.toy import TRAINED
-from models.toy.checker import ATTRIBUTES, adherence, hollowness, judge, read, saturation
+from models.toy.checker import ATTRIBUTES, adherence, judge, read, saturation, thinness
 from models.toy.scenes import COLOURS, HELD_OUT, SHAPES, Scene, every_pair_kept, parse_caption, sample_scene
 from models.toy.train import Schedule, train, train_lora
 
@@ -66,8 +66,8 @@ def test_captions_are_plain_english_and_read_back_to_their_scene():
 def test_the_style_statistics_tell_the_adapters_effects_apart():
     asked = scenes(100)
     plain = [scene.draw() for scene in asked]
-    assert np.mean([hollowness(image) for image in plain]) < 0.05
-    assert np.mean([hollowness(scene.draw("outlined")) for scene in asked]) > 0.3
+    assert np.mean([thinness(image) for image in plain]) < 0.05
+    assert np.mean([thinness(scene.draw("outlined")) for scene in asked]) > 0.3
     assert np.mean([saturation(image) for image in plain]) > 0.6
     assert np.mean([saturation(scene.draw("pastel")) for scene in asked]) < 0.45
 
