@@ -90,7 +90,9 @@ class Variant:
 
     def reading(self, t5_tokens: int | None) -> "Variant":
         """The variant for a model whose T5 tokenizer reads at most `t5_tokens` (the toy model reads fewer)."""
-        return replace(self, max_sequence_length=min(self.max_sequence_length, t5_tokens or self.max_sequence_length))
+        if t5_tokens is None or t5_tokens >= self.max_sequence_length:
+            return self
+        return replace(self, max_sequence_length=t5_tokens)
 
 
 VARIANTS = {
