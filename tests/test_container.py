@@ -144,7 +144,7 @@ def check_drains(running: Running, url: str, grace_s: int) -> None:
         signalled = time.monotonic()
         answer = in_flight.result(timeout=grace_s)
         assert answer.status_code == 200 and answer.content[:4] == b"\x89PNG", answer.text[:500]
-    while running.state() == "running" and time.monotonic() - signalled < grace_s:
+    while running.state() != "exited" and time.monotonic() - signalled < grace_s:  # podman: stopping, stopped
         time.sleep(0.2)
     assert running.state() == "exited", running.logs()
     assert running.exit_code() == 0, running.logs()
