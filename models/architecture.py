@@ -157,6 +157,10 @@ class FluxPreset:
 
 
 _TINY_VOCAB = dict(vocab_size=600)
+TINY_T5 = dict(_TINY_VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4)  # `tiny` and `toy`
+TINY_CLIP = dict(
+    _TINY_VOCAB, hidden_size=64, intermediate_size=128, projection_dim=64, num_hidden_layers=1, num_attention_heads=2
+)
 DEV_PRESETS = (
     FluxPreset(
         "tiny",
@@ -170,15 +174,8 @@ DEV_PRESETS = (
             pooled_projection_dim=64,
             axes_dims_rope=(8, 28, 28),
         ),
-        t5=dict(_TINY_VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4),
-        clip=dict(
-            _TINY_VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            projection_dim=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-        ),
+        t5=TINY_T5,
+        clip=TINY_CLIP,
         vae=dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
     ),
     FluxPreset(
@@ -202,15 +199,8 @@ TOY = FluxPreset(
         pooled_projection_dim=64,
         axes_dims_rope=(8, 12, 12),
     ),
-    t5=dict(_TINY_VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4),
-    clip=dict(
-        _TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        projection_dim=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-    ),
+    t5=TINY_T5,
+    clip=TINY_CLIP,
     vae=dict(
         block_out_channels=(16, 32, 64),
         down_block_types=("DownEncoderBlock2D",) * 3,
