@@ -182,7 +182,6 @@ def train(out: Path, seed: int, schedule: Schedule, argv: list[str]) -> dict:
     pipe = build_pipeline(PRESET, seed=seed, dtype=torch.float32)
     curves: dict[str, list[float]] = {"VAE": [], "transformer": []}
     train_vae(pipe, schedule, rng, curves["VAE"])
-    pipe.vae.save_pretrained(out / "vae")  # to look at while the transformer trains
     data = encode(pipe, [sample_scene(rng) for _ in range(schedule.scenes)])
     train_transformer(pipe.transformer, data, schedule, seed, curves["transformer"], "transformer")
     pipe.to(torch.bfloat16).save_pretrained(out)
