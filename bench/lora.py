@@ -25,6 +25,7 @@ from models.lora import describe_pairs, read_lora_file, write_adapter
 from models.random_lora import write_diffusers_lora
 from quantize.recipes import RECIPES, apply_recipe
 from service.runtime.adapters import AdapterCache, stacks_applied
+from service.runtime.blocks import Rows
 from service.runtime.placement import Placement
 from service.runtime.render import Renderer
 from service.schema import LoraWeight, WorkItem
@@ -87,7 +88,7 @@ def step_seconds(
             if label == "none":
                 transformer(**inputs)
             else:
-                with stacks_applied(transformer, stacks[int(label.split()[1])]):
+                with stacks_applied(transformer, stacks[int(label.split()[1])], Rows(BATCH)):
                     transformer(**inputs)
             runs[label].append(time.perf_counter() - started)
     return {label: statistics.median(times) for label, times in runs.items()}

@@ -43,6 +43,11 @@ PROMPT_CACHE = bentoml.metrics.Counter(
 BATCHES = bentoml.metrics.Counter(
     name="flux_batches", documentation="Batches run, by the protocols they mixed", labelnames=["protocols"]
 )
+STEPS = bentoml.metrics.Counter(
+    name="flux_steps",
+    documentation="Denoising steps per image: computed, or reused by step caching (the remaining blocks skipped)",
+    labelnames=["result"],
+)
 LORA_CACHE = bentoml.metrics.Counter(
     name="flux_lora_cache", documentation="LoRA adapter lookups in the device cache, per batch", labelnames=["result"]
 )

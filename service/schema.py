@@ -33,6 +33,15 @@ class ImageFormat(StrEnum):
     webp = "webp"
 
 
+class CachePolicy(StrEnum):
+    """Step caching: `off` computes every step; `balanced` and `fast` skip the transformer's remaining blocks
+    at steps where the image's first-block residual barely changed (service/runtime/blocks.py)."""
+
+    off = "off"
+    balanced = "balanced"
+    fast = "fast"
+
+
 class LoraWeight(BaseModel):
     """One adapter of a request's LoRA stack."""
 
@@ -94,6 +103,14 @@ class GenerationRequest(BaseModel):
         ),
     ] = []
 
+    cache: Annotated[
+        CachePolicy | None,
+        Field(
+            description="Step caching: off, balanced or fast (fewer transformer evaluations, a slightly different "
+            "image); unset: the deployment's default (/info). The same bytes alone or in any batch"
+        ),
+    ] = None
+
     @field_validator("prompt")
     @classmethod
     def prompt_is_text(cls, prompt: str) -> str:
@@ -119,13 +136,11 @@ class WorkItem(GenerationRequest):
     deadline: float | None = None
 
 
-def with_defaults(item: WorkItem, variant: Variant) -> WorkItem:
-    """The item with the variant's steps and guidance where it left them unset."""
-    unset = {
-        field: default
-        for field, default in (("steps", variant.steps), ("guidance", variant.guidance))
-        if getattr(item, field) is None
-    }
+def with_defaults(item: WorkItem, variant: Variant, cache: CachePolicy | None = None) -> WorkItem:
+    """The item with the variant's steps and guidance, and the deployment's cache policy, where it left them
+    unset."""
+    defaults = (("steps", variant.steps), ("guidance", variant.guidance), ("cache", cache))
+    unset = {field: default for field, default in defaults if getattr(item, field) is None and default is not None}
     return item.model_copy(update=unset) if unset else item
 
 

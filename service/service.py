@@ -31,6 +31,7 @@ from service.jobs.results import ResultStore
 from service.observe import BATCHES, REQUEST_ID_HEADER, logger, new_request_id
 from service.runtime import batching
 from service.runtime.adapters import AdapterCache
+from service.runtime.blocks import COMPILED_RECIPES, THRESHOLDS
 from service.runtime.board import Board
 from service.runtime.device import (
     capability_of,
@@ -162,9 +163,13 @@ class FluxWorker:
             self.device,
             pipe.transformer.dtype,
         )
-        self.renderer = Renderer(pipe, Placement(self.plan, self.device), self.cache, self.board, self.adapters)
+        self.renderer = Renderer(
+            pipe, Placement(self.plan, self.device), self.cache, self.board, self.adapters, SETTINGS.step_cache
+        )
         side = min(SETTINGS.warmup_size, SETTINGS.max_resolution)
-        self.renderer.render([WorkItem(prompt="warm-up", width=side, height=side, steps=SETTINGS.warmup_steps)])
+        warm_up = WorkItem(prompt="warm-up", width=side, height=side, steps=SETTINGS.warmup_steps)
+        self.renderer.render([warm_up])
+        self.compile_s = self._compile(warm_up) if SETTINGS.compile == "blocks" else None
         logger.info(
             "serving %s (%s, %s, %s: %s)",
             self.artifact.tag,
@@ -173,6 +178,18 @@ class FluxWorker:
             str(self.dtype).removeprefix("torch."),
             self.kernels,
         )
+
+    def _compile(self, warm_up: WorkItem) -> float:
+        """FLUX_COMPILE=blocks: compile the repeated blocks, warmed up alone and in pairs (the compiled code is
+        specialized for one image, general for more); the seconds it added to the start."""
+        if self.manifest.recipe not in COMPILED_RECIPES:
+            stop_server(
+                f"FLUX_COMPILE=blocks: the {self.manifest.recipe} recipe does not compile "
+                f"(compiled: {', '.join(COMPILED_RECIPES)}); unset FLUX_COMPILE or serve one of those"
+            )
+        seconds = self.renderer.compile_blocks([[warm_up], [warm_up, warm_up.model_copy(update={"seed": 1})]])
+        logger.info("compiled the transformer's blocks in %.1f s", seconds)
+        return seconds
 
     @bentoml.on_startup
     async def drain_on_sigterm(self) -> None:
@@ -237,6 +254,8 @@ class FluxWorker:
             "max_side": SETTINGS.max_resolution,
             "prompt_cache": cache,
             "loras": loras,
+            "step_cache": {"default": SETTINGS.step_cache, "thresholds": THRESHOLDS},
+            "compiled_blocks": {"enabled": self.compile_s is not None, "compile_seconds": self.compile_s},
             "defaults": {
                 "steps": variant.steps,
                 "guidance": variant.guidance,

@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 from pydantic import Field, FilePath, RedisDsn, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.schema import CachePolicy
+
 RESOLUTION_BUCKETS = (512, 768, 1024, 1536, 2048)  # one batching queue each; a request joins the smallest that holds it
 
 
@@ -50,6 +52,10 @@ class Settings(BaseSettings):
     lora_cache_mb: int = Field(512, ge=0, description="LoRA adapters kept in device memory (the plan reserves it)")
     loras: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="adapter tags packed into the Bento at build, comma-separated (any stored adapter serves)"
+    )
+    step_cache: CachePolicy = Field(CachePolicy.off, description="step caching of requests that leave `cache` unset")
+    compile: Literal["off", "blocks"] = Field(
+        "off", description="blocks: torch.compile the transformer's repeated blocks at start (bf16, quanto recipes)"
     )
     liveness_timeout_s: float = Field(10, gt=0, description="a device check slower than this fails /livez")
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(

@@ -38,8 +38,9 @@ def test_generate_returns_a_png(servers):
     assert reply.timings.total_ms > 0
 
 
-def test_same_seed_same_bytes_over_http_and_grpc(servers):
-    request = GenerationRequest(prompt="a lighthouse", seed=1234, **SMALL)
+@pytest.mark.parametrize("cache", [None, "fast"])
+def test_same_seed_same_bytes_over_http_and_grpc(servers, cache):
+    request = GenerationRequest(prompt="a lighthouse", seed=1234, cache=cache, **SMALL)
     assert FluxClient(servers[0]).txt2img(request) == FluxGrpcClient(servers[1]).generate(request).image
 
 
@@ -79,6 +80,7 @@ def test_invalid_argument_names_the_field(servers):
         (messages.GenerateRequest(prompt="fox", width=100), "width"),
         (messages.GenerateRequest(prompt=""), "prompt"),
         (messages.GenerateRequest(prompt="fox", steps=0), "steps"),
+        (messages.GenerateRequest(prompt="fox", cache="turbo"), "cache"),
     ):
         with pytest.raises(grpc.RpcError) as error:
             rpc.stub.Generate(message)

@@ -29,11 +29,22 @@ SMALL = dict(width=128, height=128, steps=2)
 SLOW = dict(width=1024, height=1024)  # about a quarter of a second per step for the tiny model on 2 cores
 
 
-@pytest.fixture(scope="module")
-def server(tiny_int8_tag, tmp_path_factory):
+CACHED_COMPILED = {"FLUX_STEP_CACHE": "fast", "FLUX_COMPILE": "blocks"}
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param({}, id="eager"),
+        # every lifecycle test again with step caching and compiled blocks (compiling takes minutes here)
+        pytest.param(CACHED_COMPILED, id="cached-compiled", marks=pytest.mark.slow),
+    ],
+)
+def server(request, tiny_int8_tag, tmp_path_factory):
     folder = tmp_path_factory.mktemp("lifecycle")
     port, log, grpc_target = free_port(), folder / "server.log", f"127.0.0.1:{free_port()}"
     env = {
+        **request.param,
         "FLUX_ARTIFACT": tiny_int8_tag,
         "FLUX_GRPC_ADDRESS": grpc_target,
         "FLUX_MAX_RESOLUTION": "1024",
@@ -44,7 +55,7 @@ def server(tiny_int8_tag, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process, log, timeout_s=300)
-        yield url, process, log, grpc_target
+        yield url, process, log, grpc_target, request.param
     finally:
         stop(process)
 
@@ -158,7 +169,7 @@ def test_a_size_over_the_plan_is_a_400_naming_the_field_and_the_largest_side(ser
 
 
 def test_a_grpc_refusal_names_the_field_and_is_logged_with_its_id(server):
-    _, _, log, target = server
+    _, _, log, target, _ = server
     stub = FluxGrpcClient(target).stub
     for rid, message, start in (
         ("grpc-wide-1", messages.GenerateRequest(prompt="too wide", width=1536, height=512), "width: 1536 is larger"),
@@ -205,7 +216,7 @@ def test_inf_or_nan_gives_a_typed_failure_not_a_black_image(tiny_int8_tag, poiso
 
 
 def test_the_request_id_is_echoed_and_in_the_log_lines_of_front_and_worker(server):
-    url, _, log, _ = server
+    url, _, log, _, _ = server
     response = post(url, prompt="traced", headers={"x-request-id": "trace-me-42"}, **SMALL)
     assert response.headers["x-request-id"] == "trace-me-42"
     generated = post(url, prompt="untraced", **SMALL).headers["x-request-id"]
@@ -224,6 +235,16 @@ def test_every_stage_is_measured(server):
     assert metric(url, "flux_prompt_cache_total", result="miss") > 0
 
 
+def test_every_step_is_counted_computed_or_reused_and_info_shows_the_policy(server):
+    url, env = server[0], server[4]
+    before = metric(url, "flux_steps_total")
+    assert post(url, prompt="counted", **SMALL).status_code == 200
+    assert metric(url, "flux_steps_total") - before == SMALL["steps"]
+    info = httpx.post(f"{url}/info", json={}, timeout=60).json()
+    assert info["step_cache"]["default"] == env.get("FLUX_STEP_CACHE", "off")
+    assert info["compiled_blocks"]["enabled"] == (env.get("FLUX_COMPILE") == "blocks")
+
+
 def worker_process(server_process) -> psutil.Process:
     return next(
         p for p in psutil.Process(server_process.pid).children(recursive=True) if "FluxWorker" in " ".join(p.cmdline())
@@ -231,7 +252,7 @@ def worker_process(server_process) -> psutil.Process:
 
 
 def test_livez_fails_while_the_worker_cannot_answer(server):
-    url, process, _, _ = server
+    url, process, _, _, _ = server
     worker = worker_process(process)
     assert httpx.get(f"{url}/livez", timeout=10).status_code == 200
     os.kill(worker.pid, signal.SIGSTOP)

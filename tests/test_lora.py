@@ -24,6 +24,7 @@ from models.random_lora import write_diffusers_lora, write_kohya_lora
 from service.client import FluxGrpcClient
 from service.launcher import running_server
 from service.runtime.adapters import AdapterCache, human_bytes, stacks_applied
+from service.runtime.blocks import Rows
 from service.runtime.placement import Placement
 from service.runtime.render import Renderer
 from service.schema import GenerationRequest, LoraWeight, WorkItem
@@ -121,7 +122,7 @@ def ours(transformer: torch.nn.Module, device_dtype=torch.bfloat16) -> torch.Ten
     cache = AdapterCache(lambda name: stored(name), lambda: [], 1 << 30, torch.device("cpu"), device_dtype)
     item = WorkItem(prompt="x", loras=[LoraWeight(name=name, scale=scale) for name, scale in STACK])
     assert cache.load([item]) == {}
-    with stacks_applied(transformer, cache.stacks([item])):
+    with stacks_applied(transformer, cache.stacks([item]), Rows(1)):
         return forward(transformer)
 
 

@@ -59,7 +59,7 @@ def test_n_images_are_one_batch_and_equal_single_renders_with_consecutive_seeds(
         n=3,
         size="256x256",
         response_format="b64_json",
-        extra_body={**FAST, "seed": 7},
+        extra_body={**FAST, "seed": 7, "cache": "balanced"},
     )
     assert metric(url, "flux_batches_total", protocols="openai") == batches_before + 1
     images = [base64.b64decode(image.b64_json) for image in response.data]
@@ -69,7 +69,7 @@ def test_n_images_are_one_batch_and_equal_single_renders_with_consecutive_seeds(
             f"{url}/txt2img",
             headers={"authorization": f"Bearer {KEY}"},
             timeout=300,
-            json={"prompt": "a red fox", "width": 256, "height": 256, "seed": seed, **FAST},
+            json={"prompt": "a red fox", "width": 256, "height": 256, "seed": seed, "cache": "balanced", **FAST},
         ).content
         for seed in (7, 8, 9)
     ]
@@ -100,6 +100,9 @@ def test_unknown_field_and_url_without_a_store_are_named(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.generate(prompt="a fox", size="256x256", extra_body={**FAST, "sede": 7})
     assert caught.value.param == "sede"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="a fox", size="256x256", extra_body={**FAST, "cache": "turbo"})
+    assert caught.value.param == "cache"
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.generate(prompt="a fox", size="256x256", response_format="url", extra_body=FAST)
     assert caught.value.param == "response_format"

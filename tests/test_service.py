@@ -95,6 +95,7 @@ BAD_INPUTS = [
     ({"prompt": "fox", "guidance": True}, "guidance"),
     ({"prompt": "a fox\x00"}, "prompt"),
     ({"prompt": "a \x1b[31mred\x1b[0m fox"}, "prompt"),
+    ({"prompt": "fox", "cache": "turbo"}, "cache"),
 ]
 
 

@@ -20,7 +20,16 @@ from service.gateway import Gateway, Rejected
 from service.jobs.results import ResultStore
 from service.observe import REQUEST_ID_HEADER, new_request_id
 from service.runtime.result import Result
-from service.schema import MAX_LORAS, MAX_PROMPT_CHARS, GenerationRequest, ImageFormat, LoraWeight, WorkItem, field_path
+from service.schema import (
+    MAX_LORAS,
+    MAX_PROMPT_CHARS,
+    CachePolicy,
+    GenerationRequest,
+    ImageFormat,
+    LoraWeight,
+    WorkItem,
+    field_path,
+)
 
 OWNER = "flux-serve"
 
@@ -50,6 +59,7 @@ class ImagesRequest(BaseModel):
     ] = None
     seed: Annotated[StrictInt, Field(ge=0, lt=2**63, description="extension: seed of the first image")] = 0
     loras: Annotated[list[LoraWeight], Field(max_length=MAX_LORAS, description="extension: LoRA stack")] = []
+    cache: Annotated[CachePolicy | None, Field(description="extension: step caching (off, balanced, fast)")] = None
 
 
 class OpenAIError(Exception):
@@ -96,6 +106,7 @@ def work_items(body: ImagesRequest, rid: str) -> list[WorkItem]:
             format=body.output_format,
             quality=body.output_compression,
             loras=body.loras,
+            cache=body.cache,
         )
     except ValidationError as error:
         first = error.errors()[0]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from models.lora import LoraError, LowRank, load_adapter
 from service.observe import LORA_CACHE, LORA_LOAD_SECONDS, logger
+from service.runtime.blocks import Rows
 from service.runtime.result import Result, Status, failure
 from service.schema import WorkItem
 
@@ -117,27 +118,30 @@ class AdapterCache:
 
 
 def add_low_rank(
-    updates: list[tuple[int, LowRank, float]], module: torch.nn.Module, args: tuple, output: torch.Tensor
+    updates: dict[int, list[tuple[LowRank, float]]], rows: Rows, module: torch.nn.Module, args: tuple, output
 ) -> torch.Tensor:
-    """Forward hook: row `row` of the output gains scale · B(A(x)) for each (row, pair, scale)."""
+    """Forward hook: the output's k-th row, batch row `rows.current[k]`, gains scale · B(A(x)) for each (pair,
+    scale) of that batch row."""
     inputs = args[0]
-    for row, pair, scale in updates:
-        x = inputs[row : row + 1].to(pair.down.dtype)
-        output[row : row + 1] += (F.linear(F.linear(x, pair.down), pair.up) * scale).to(output.dtype)
+    for k, row in enumerate(rows.current):
+        for pair, scale in updates.get(row, ()):
+            x = inputs[k : k + 1].to(pair.down.dtype)
+            output[k : k + 1] += (F.linear(F.linear(x, pair.down), pair.up) * scale).to(output.dtype)
     return output
 
 
 @contextmanager
-def stacks_applied(transformer: torch.nn.Module, stacks: list[Stack]):
-    """`transformer` computes row i with stacks[i] added for the duration of the block."""
-    updates: dict[str, list] = defaultdict(list)
+def stacks_applied(transformer: torch.nn.Module, stacks: list[Stack], rows: Rows):
+    """`transformer` computes batch row i with stacks[i] added for the duration of the block; `rows` says which
+    batch rows a forward computes (the step cache runs some blocks for a subset)."""
+    updates: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))
     for row, stack in enumerate(stacks):
         for pairs, weight in stack:
             for module, pair in pairs.items():
-                updates[module].append((row, pair, weight * pair.scale))
+                updates[module][row].append((pair, weight * pair.scale))
     handles = [
-        transformer.get_submodule(module).register_forward_hook(partial(add_low_rank, rows))
-        for module, rows in updates.items()
+        transformer.get_submodule(module).register_forward_hook(partial(add_low_rank, by_row, rows))
+        for module, by_row in updates.items()
     ]
     try:
         yield

@@ -8,7 +8,7 @@ runs out of memory is split in halves, after the failed attempt's tensors are re
 import gc
 import time
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import contextmanager
 
 import torch
 from diffusers import FluxPipeline
@@ -19,17 +19,19 @@ from service.observe import (
     OOM_SPLITS,
     PROMPT_CACHE,
     STAGE_SECONDS,
+    STEPS,
     STEPS_AFTER_CANCEL,
     logger,
     request_id,
 )
 from service.runtime.adapters import AdapterCache, stacks_applied
+from service.runtime.blocks import CompiledBlocks, RowCache, Rows, eager, step_cache
 from service.runtime.board import Board
 from service.runtime.imaging import MEDIA_TYPES, encode_image
 from service.runtime.placement import Placement
 from service.runtime.prompts import PromptCache, cached_embeddings, encode_missing, stack
 from service.runtime.result import Result, Status, failure
-from service.schema import WorkItem, with_defaults
+from service.schema import CachePolicy, WorkItem, with_defaults
 
 
 def group_by_shape(items: list[WorkItem]) -> dict[tuple, list[int]]:
@@ -77,9 +79,10 @@ class Renderer:
         cache: PromptCache | None = None,
         board: Board | None = None,
         adapters: AdapterCache | None = None,
+        step_cache: CachePolicy = CachePolicy.off,
     ) -> None:
         self.pipe, self.placement, self.cache, self.board = pipe, placement, cache, board or Board()
-        self.adapters = adapters
+        self.adapters, self.step_cache, self.compiled = adapters, step_cache, None
         self.variant = pipeline_variant(pipe)
         placement.apply(pipe)
         if placement.device.type == "cpu" or pipe.vae.dtype == torch.float16:  # no fast bf16 / fp16 range
@@ -87,8 +90,9 @@ class Renderer:
         pipe.set_progress_bar_config(disable=True)
 
     def render(self, items: list[WorkItem]) -> list[Result]:
-        """One Result per item, in order; a batch may mix shapes. Unset steps and guidance take the variant's."""
-        items = [with_defaults(item, self.variant) for item in items]
+        """One Result per item, in order; a batch may mix shapes. Unset steps and guidance take the variant's,
+        an unset cache policy the deployment's."""
+        items = [with_defaults(item, self.variant, self.step_cache) for item in items]
         results: list[Result | None] = [self._left(item, "queued") or self._refusal(item) for item in items]
         if self.adapters is not None:
             broken = self.adapters.load([item for item, result in zip(items, results, strict=True) if result is None])
@@ -152,8 +156,9 @@ class Renderer:
         try:
             embeds, pooled = self._encode_text([item.prompt for item in group])
             clock.record("text_encode", started)
-            started = time.perf_counter()
-            with self._loras(group):
+            started, rows = time.perf_counter(), Rows(len(group))
+            policies = [item.cache for item in group]
+            with self._loras(group, rows), step_cache(self.pipe.transformer, policies, rows) as cached:
                 latents = self.pipe(
                     prompt_embeds=embeds,
                     pooled_prompt_embeds=pooled,
@@ -163,7 +168,7 @@ class Renderer:
                     guidance_scale=guidance,
                     output_type="latent",
                     generator=[torch.Generator(self.placement.device).manual_seed(item.seed) for item in group],
-                    callback_on_step_end=self._step_callback(group),
+                    callback_on_step_end=self._step_callback(group, cached),
                 ).images
             clock.record("denoise", started)
             results = [self._finish(item, latents[k : k + 1], clock) for k, item in enumerate(group)]
@@ -173,11 +178,22 @@ class Renderer:
             result.timings_ms = {"queue_wait": queue_ms.get(item.request_id, 0.0), **clock.ms}
         return results
 
-    def _loras(self, group: list[WorkItem]):
-        """Each item's LoRA stack on the transformer for one pipeline call (nothing when none has one)."""
+    def compile_blocks(self, warm_up: list[list[WorkItem]]) -> float:
+        """Compile the transformer's repeated blocks, rendering `warm_up` batches to do it; the seconds taken."""
+        self.compiled, started = CompiledBlocks(self.pipe.transformer), time.perf_counter()
+        for batch in warm_up:
+            self.render(batch)
+        return time.perf_counter() - started
+
+    @contextmanager
+    def _loras(self, group: list[WorkItem], rows: Rows):
+        """Each item's LoRA stack on the transformer for one pipeline call (nothing when none has one), with
+        the blocks eager when they are compiled."""
         if not any(item.loras for item in group):
-            return nullcontext()
-        return stacks_applied(self.pipe.transformer, self.adapters.stacks(group))
+            yield
+            return
+        with stacks_applied(self.pipe.transformer, self.adapters.stacks(group), rows), eager(self.compiled):
+            yield
 
     def _encode_text(self, prompts: list[str]):
         """Embeddings for the batch; the encoders (and the placement's moves for them) run only on a miss."""
@@ -190,12 +206,16 @@ class Renderer:
                 found |= encode_missing(self.pipe, missing, self.cache, self.variant.max_sequence_length)
         return stack(found, prompts, self.pipe._execution_device)
 
-    def _step_callback(self, group: list[WorkItem]):
-        """Publish progress; stop early when nobody in the call waits for its images any more."""
+    def _step_callback(self, group: list[WorkItem], cached: RowCache | None):
+        """Publish progress and count the step's images computed or reused (a reused step is a step too);
+        stop early when nobody in the call waits for its images any more."""
         ids = [item.request_id for item in group]
 
         def on_step_end(pipe: FluxPipeline, step: int, timestep, callback_kwargs: dict) -> dict:
             self.board.report(ids, step + 1)
+            computed = len(cached.computing) if cached else len(group)
+            STEPS.labels(result="computed").inc(computed)
+            STEPS.labels(result="reused").inc(len(group) - computed)
             if pipe.interrupt or not all(self._gone(item) for item in group):
                 return callback_kwargs
             pipe._interrupt = True  # diffusers' documented way to stop a running pipeline

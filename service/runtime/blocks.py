@@ -1,0 +1,162 @@
+"""How the transformer's blocks run for one batch: which rows are in play, step caching per row, compiled blocks.
+
+Step caching is a first-block cache (ParaAttention's, as diffusers' `FirstBlockCacheConfig` applies it) with
+the decision made per row. At every step the first block runs for every row; a row whose first-block residual
+changed, relative to the one of the last step it computed, by less than its policy's threshold reuses what the
+remaining blocks added at that step; the other rows run the remaining blocks together, as a smaller batch. A
+row's pixels so depend on its own request only: the same bytes alone or in any batch. The hooks sit in
+diffusers' hook registry, as its first-block cache does; the decisions and the cached residuals are per row.
+"""
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from service.schema import CachePolicy
+
+# Relative change of a row's first-block residual under which its remaining blocks are skipped (Nunchaku's
+# double first-block cache uses 0.09 / 0.12 on FLUX.1-dev); measured on the toy model by `python -m bench.cache`.
+THRESHOLDS: dict[CachePolicy, float | None] = {CachePolicy.off: None, CachePolicy.balanced: 0.1, CachePolicy.fast: 0.2}
+HOOK = "flux_step_cache"
+# Recipes whose blocks FLUX_COMPILE=blocks compiles (`python -m bench.cache` measures them); others are refused.
+COMPILED_RECIPES = ("bf16", "int8")
+
+
+class Rows:
+    """The rows of a batch the blocks compute now: all of them, or the subset that runs the remaining blocks."""
+
+    def __init__(self, count: int) -> None:
+        self.current = list(range(count))
+
+    @contextmanager
+    def only(self, rows: list[int]) -> Iterator[None]:
+        everything, self.current = self.current, rows
+        try:
+            yield
+        finally:
+            self.current = everything
+
+
+def relative_change(residual: torch.Tensor, previous: torch.Tensor) -> float:
+    """Mean absolute change of one row's residual over the mean magnitude of the previous one."""
+    return ((residual - previous).abs().float().mean() / previous.abs().float().mean()).item()
+
+
+class RowCache:
+    """One pipeline call's per-row state: thresholds, the last computed first-block residuals, what the
+    remaining blocks added then, and which rows compute this step."""
+
+    def __init__(self, thresholds: list[float | None], rows: Rows) -> None:
+        self.thresholds, self.rows = thresholds, rows
+        self.head_residual: list[torch.Tensor | None] = [None] * len(thresholds)
+        self.tail_residual: list[torch.Tensor | None] = [None] * len(thresholds)
+        self.head_output: torch.Tensor | None = None
+        self.computing: list[int] = []
+        self.computed = [0] * len(thresholds)
+
+    def decide(self, residual: torch.Tensor) -> list[int]:
+        """The rows that run the remaining blocks this step; their residuals become the reference."""
+        computing = []
+        for row, (threshold, previous) in enumerate(zip(self.thresholds, self.head_residual, strict=True)):
+            if previous is None or threshold is None or relative_change(residual[row], previous) > threshold:
+                computing.append(row)
+                self.head_residual[row] = residual[row]
+                self.computed[row] += 1
+        return computing
+
+
+class HeadBlock(ModelHook):
+    """The first block: runs for every row, then decides per row; a skipping row gets its cached tail added."""
+
+    def __init__(self, cache: RowCache) -> None:
+        super().__init__()
+        self.cache = cache
+
+    def new_forward(self, module: torch.nn.Module, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        context, hidden = self.fn_ref.original_forward(**kwargs)
+        cache = self.cache
+        cache.computing = cache.decide(hidden - kwargs["hidden_states"])
+        cache.head_output = hidden
+        skipping = [row for row in range(len(hidden)) if row not in cache.computing]
+        if skipping:
+            hidden = hidden.clone()
+            for row in skipping:
+                hidden[row] += cache.tail_residual[row]
+        return context, hidden
+
+
+class RemainingBlock(ModelHook):
+    """Every later block: runs for the computing rows only (all of them: unchanged); the last one records what
+    the remaining blocks added for each computing row."""
+
+    def __init__(self, cache: RowCache, last: bool) -> None:
+        super().__init__()
+        self.cache, self.last = cache, last
+
+    def new_forward(self, module: torch.nn.Module, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, context, hidden = self.cache.computing, kwargs["encoder_hidden_states"], kwargs["hidden_states"]
+        if len(rows) == len(hidden):
+            context, hidden = self.fn_ref.original_forward(**kwargs)
+        elif rows:
+            subset = {name: kwargs[name][rows] for name in ("hidden_states", "encoder_hidden_states", "temb")}
+            with self.cache.rows.only(rows):
+                sub_context, sub_hidden = self.fn_ref.original_forward(**(kwargs | subset))
+            context, hidden = context.clone(), hidden.clone()
+            context[rows], hidden[rows] = sub_context, sub_hidden
+        if self.last:
+            for row in rows:
+                self.cache.tail_residual[row] = hidden[row] - self.cache.head_output[row]
+        return context, hidden
+
+
+def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+
+@contextmanager
+def step_cache(transformer: torch.nn.Module, policies: list[CachePolicy], rows: Rows) -> Iterator[RowCache | None]:
+    """Per-row step caching on `transformer` for one pipeline call; nothing at all when every policy is off."""
+    thresholds = [THRESHOLDS[policy] for policy in policies]
+    if all(threshold is None for threshold in thresholds):
+        yield None
+        return
+    cache, blocks = RowCache(thresholds, rows), transformer_blocks(transformer)
+    hooks = [HeadBlock(cache), *(RemainingBlock(cache, k == len(blocks) - 1) for k in range(1, len(blocks)))]
+    for block, hook in zip(blocks, hooks, strict=True):
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, HOOK)
+    try:
+        yield cache
+    finally:
+        for block in blocks:
+            block._diffusers_hook.remove_hook(HOOK, recurse=False)
+
+
+class CompiledBlocks:
+    """`torch.compile` of each repeated block (regional compilation). Batches carrying a LoRA stack run them
+    eager: the adapters' row-by-row hooks would make the compiler specialize on every mix of stacks."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.eager_now = False
+        for block in transformer_blocks(transformer):
+            block.forward = self._dispatch(block.forward, torch.compile(block.forward, dynamic=True))
+
+    def _dispatch(self, eager: Callable, compiled: Callable) -> Callable:
+        def forward(*args, **kwargs):
+            return (eager if self.eager_now else compiled)(*args, **kwargs)
+
+        return forward
+
+
+@contextmanager
+def eager(compiled: CompiledBlocks | None) -> Iterator[None]:
+    """Compiled blocks (if any) run eager inside."""
+    if compiled is None:
+        yield
+        return
+    compiled.eager_now = True
+    try:
+        yield
+    finally:
+        compiled.eager_now = False

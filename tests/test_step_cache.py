@@ -1,0 +1,142 @@
+"""Step caching per request on the trained toy model: each image's skips depend on its own residuals only, so it
+renders the same bytes alone or in any batch, with any policy, LoRA stack or out-of-memory split beside it."""
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.lora import describe_pairs, read_lora_file, write_adapter
+from models.source import load_source_pipeline, resolve_source
+from models.toy import SIZE, STEPS, TRAINED
+from models.toy.scenes import held_out_prompts
+from service.runtime.adapters import AdapterCache
+from service.runtime.blocks import THRESHOLDS, RowCache, Rows, transformer_blocks
+from service.runtime.placement import Placement
+from service.runtime.render import Renderer
+from service.schema import CachePolicy, LoraWeight, WorkItem
+from tests.test_placement import OutOfMemoryAbove
+
+PROMPTS = [scene.caption() for scene in held_out_prompts(4, seed=5)]
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    return load_source_pipeline(resolve_source(str(TRAINED)), torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def outlined(toy_pipe, tmp_path_factory) -> Path:
+    """The toy's `outlined` adapter in the stored format."""
+    file = TRAINED / "loras" / "outlined.safetensors"
+    pairs, layout, _ = read_lora_file(file, toy_pipe.transformer)
+    folder = tmp_path_factory.mktemp("adapters") / "outlined"
+    write_adapter(folder, pairs, describe_pairs(pairs, "toy", file, layout))
+    return folder
+
+
+def renderer_for(pipe, adapter: Path) -> Renderer:
+    adapters = AdapterCache(
+        lambda name: adapter if name == "outlined" else None,
+        lambda: ["outlined"],
+        1 << 30,
+        torch.device("cpu"),
+        torch.bfloat16,
+    )
+    return Renderer(pipe, Placement.resident(torch.device("cpu")), adapters=adapters)
+
+
+def item(k: int, cache: str, loras: tuple[str, ...] = ()) -> WorkItem:
+    return WorkItem(
+        prompt=PROMPTS[k],
+        seed=k,
+        width=SIZE,
+        height=SIZE,
+        steps=STEPS,
+        cache=cache,
+        loras=[LoraWeight(name=name) for name in loras],
+    )
+
+
+MIXED = [item(0, "off"), item(1, "fast"), item(2, "fast", ("outlined",)), item(3, "balanced")]
+
+
+class BatchSizes:
+    """The batch size of every call to the blocks after the first (their attention's rows)."""
+
+    def __init__(self, pipe) -> None:
+        self.sizes: list[int] = []
+        self.handles = [
+            block.attn.register_forward_pre_hook(self._add, with_kwargs=True)
+            for block in transformer_blocks(pipe.transformer)[1:]
+        ]
+
+    def _add(self, module, args, kwargs) -> None:
+        self.sizes.append(len(kwargs["hidden_states"]))
+
+    def rows_per_block(self, blocks: int) -> float:
+        return sum(self.sizes) / blocks
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_a_batch_mixing_policies_and_stacks_gives_each_item_its_solo_bytes(toy_pipe, outlined):
+    renderer = renderer_for(toy_pipe, outlined)
+    counted = BatchSizes(toy_pipe)
+    try:
+        batched = renderer.render(MIXED)
+        sizes = Counter(counted.sizes)
+    finally:
+        counted.close()
+    assert all(result.ok for result in batched), [result.message for result in batched]
+    assert any(0 < size < len(MIXED) for size in sizes), f"no step ran the remaining blocks for some rows: {sizes}"
+    solo = [renderer.render([one])[0] for one in MIXED]
+    assert [result.image for result in batched] == [result.image for result in solo]
+    no_cache = Renderer(toy_pipe, Placement.resident(torch.device("cpu")))  # today's path: no hook at all
+    assert solo[0].image == no_cache.render([MIXED[0]])[0].image
+    assert len({result.image for result in batched}) == len(MIXED)
+
+
+def test_fast_skips_the_remaining_blocks_at_most_steps(toy_pipe):
+    renderer = Renderer(toy_pipe, Placement.resident(torch.device("cpu")), step_cache=CachePolicy.fast)
+    remaining = len(transformer_blocks(toy_pipe.transformer)) - 1
+    counted = BatchSizes(toy_pipe)
+    try:
+        unset = item(1, "off").model_copy(update={"cache": None})  # takes the renderer's default: fast
+        assert renderer.render([unset])[0].ok
+        fast_runs = counted.rows_per_block(remaining)
+        counted.sizes.clear()
+        assert renderer.render([item(1, "off")])[0].ok
+        off_runs = counted.rows_per_block(remaining)
+    finally:
+        counted.close()
+    assert off_runs == STEPS
+    assert fast_runs < STEPS / 2, f"fast ran the remaining blocks {fast_runs} times in {STEPS} steps"
+
+
+def test_each_row_decides_from_its_own_residuals():
+    """A row whose first-block residual changes by half each step is never skipped, beside one that barely
+    changes and is; and the steady row decides as it would alone."""
+    steps, threshold = 12, THRESHOLDS[CachePolicy.fast]
+    shared, alone = RowCache([threshold, threshold], Rows(2)), RowCache([threshold], Rows(1))
+    decided_together, decided_alone = [], []
+    base = torch.randn(2, 16, 8)
+    for step in range(steps):
+        steady = base[0] * (1 + 0.01 * step)
+        wild = base[1] * (-0.5) ** step
+        decided_together.append(shared.decide(torch.stack([steady, wild])))
+        decided_alone.append(alone.decide(steady[None]))
+    assert all(1 in rows for rows in decided_together), "the changing row was skipped"
+    assert [0 in rows for rows in decided_together] == [0 in rows for rows in decided_alone]
+    assert sum(0 in rows for rows in decided_together) < steps / 2, "the steady row was never skipped"
+    assert shared.computed == [sum(0 in rows for rows in decided_together), steps]
+
+
+def test_an_out_of_memory_split_keeps_every_items_bytes(toy_pipe, outlined):
+    expected = [result.image for result in renderer_for(toy_pipe, outlined).render(MIXED)]
+    flaky = OutOfMemoryAbove(toy_pipe, limit=2)
+    assert [result.image for result in renderer_for(flaky, outlined).render(MIXED)] == expected
+    assert flaky.batches == [4, 2, 2]
