@@ -3,7 +3,7 @@
 Step caching: for each policy (off, balanced, fast; `--sweep` adds thresholds), held-out single-object prompts
 at 64², 28 steps, in batches of 8: the transformer block evaluations per image (each block's rows counted),
 the wall ratio against `off`, PSNR and SSIM of the pictures against `off`'s, and prompt adherence (the
-checker). Compiled blocks (`FLUX_COMPILE=blocks`): the denoise wall ratio compiled/eager for bf16 and int8,
+checker). Compiled blocks (`FLUX_COMPILE=blocks`): the render wall ratio compiled/eager for bf16 and int8,
 and the seconds the compilation adds at start. One run; writes cache.json and cache.md.
 """
 
@@ -109,7 +109,7 @@ def caching(renderer: Renderer, prompts: list[str], sweep: list[float]) -> list[
 
 
 def compiled_row(name: str, pipe, prompts: list[str]) -> dict:
-    """Denoise seconds eager, then compiled (after warm-up at batch 1 and BATCH), and the compile seconds."""
+    """Render seconds eager, then compiled (after warm-up at batch 1 and BATCH), and the compile seconds."""
     renderer = Renderer(pipe, Placement.resident(torch.device("cpu")))
     work = items(prompts, CachePolicy.off)
     render_all(renderer, work[:BATCH])  # eager warm-up
@@ -142,7 +142,7 @@ def markdown(rows: list[dict], compiled: list[dict], count: int) -> str:
             f"| {r['policy']} | {r['threshold']} | {r['block_evaluations_per_image']:.1f} | {r['block_share']:.2f}× | "
             f"{wall} | {psnr} | {ssim} | {r['adherence']:.1%} |"
         )
-    lines += ["", "| recipe | eager denoise | compiled | ratio | compile at start |", "|---|---|---|---|---|"]
+    lines += ["", "| recipe | eager render | compiled | ratio | compile at start |", "|---|---|---|---|---|"]
     for c in compiled:
         if "error" in c:
             lines.append(f"| {c['recipe']} | refused: {c['error']} | | | |")

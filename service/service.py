@@ -138,6 +138,11 @@ class FluxWorker:
         self.dtype = choose_dtype(SETTINGS.compute_dtype, self.capability)
         check_card(self.artifact, self.capability, self.dtype)
         pipe, self.manifest = load_pipeline(Path(self.artifact.path), dtype=self.dtype)
+        if SETTINGS.compile == "blocks" and self.manifest.recipe not in COMPILED_RECIPES:
+            stop_server(
+                f"FLUX_COMPILE=blocks: {self.artifact.tag} is {self.manifest.recipe}, and only "
+                f"{', '.join(COMPILED_RECIPES)} blocks are compiled; unset FLUX_COMPILE or serve one of those"
+            )
         weights = {name: module_bytes(getattr(pipe, name)) for name in COMPONENTS}  # in the compute dtype
         lora_bytes = SETTINGS.lora_cache_mb * 2**20
         try:
@@ -182,11 +187,6 @@ class FluxWorker:
     def _compile(self, warm_up: WorkItem) -> float:
         """FLUX_COMPILE=blocks: compile the repeated blocks, warmed up alone and in pairs (the compiled code is
         specialized for one image, general for more); the seconds it added to the start."""
-        if self.manifest.recipe not in COMPILED_RECIPES:
-            stop_server(
-                f"FLUX_COMPILE=blocks: the {self.manifest.recipe} recipe does not compile "
-                f"(compiled: {', '.join(COMPILED_RECIPES)}); unset FLUX_COMPILE or serve one of those"
-            )
         seconds = self.renderer.compile_blocks([[warm_up], [warm_up, warm_up.model_copy(update={"seed": 1})]])
         logger.info("compiled the transformer's blocks in %.1f s", seconds)
         return seconds

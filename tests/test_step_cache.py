@@ -11,11 +11,14 @@ from models.lora import describe_pairs, read_lora_file, write_adapter
 from models.source import load_source_pipeline, resolve_source
 from models.toy import SIZE, STEPS, TRAINED
 from models.toy.scenes import held_out_prompts
+from service.launcher import serve_command
 from service.runtime.adapters import AdapterCache
 from service.runtime.blocks import THRESHOLDS, RowCache, Rows, transformer_blocks
 from service.runtime.placement import Placement
 from service.runtime.render import Renderer
+from service.runtime.result import Status
 from service.schema import CachePolicy, LoraWeight, WorkItem
+from tests.conftest import free_port, run_module
 from tests.test_placement import OutOfMemoryAbove
 
 PROMPTS = [scene.caption() for scene in held_out_prompts(4, seed=5)]
@@ -140,3 +143,28 @@ def test_an_out_of_memory_split_keeps_every_items_bytes(toy_pipe, outlined):
     flaky = OutOfMemoryAbove(toy_pipe, limit=2)
     assert [result.image for result in renderer_for(flaky, outlined).render(MIXED)] == expected
     assert flaky.batches == [4, 2, 2]
+
+
+@pytest.mark.slow  # a server start: `make test-all`
+def test_compiled_blocks_refuse_a_recipe_they_do_not_compile_at_start(tiny_tag):
+    tag = tiny_tag("int8-bnb")
+    result = run_module(
+        *serve_command(free_port())[2:],
+        env={"FLUX_ARTIFACT": tag, "FLUX_COMPILE": "blocks", "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}"},
+    )
+    reason = f"FLUX_COMPILE=blocks: {tag} is int8-bnb, and only int8 blocks are compiled"
+    assert reason in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]
+
+
+@pytest.mark.slow  # compiling takes a minute or more here: `make test-all`
+def test_compiled_blocks_give_an_image_the_same_bytes_alone_or_in_any_batch(toy_pipe, outlined):
+    """The compiled code is specialized for one image and general for more, and the step cache runs it for any
+    subset of rows: an image is the same bytes either way. A LoRA stack is refused, naming the field."""
+    renderer = renderer_for(toy_pipe, outlined)
+    plain = [one for one in MIXED if not one.loras]
+    renderer.compile_blocks([plain[:1], plain[:2]])
+    alone = [renderer.render([one])[0].image for one in plain]
+    assert [result.image for result in renderer.render(plain)] == alone
+    assert [result.image for result in renderer.render(plain[1:])] == alone[1:]
+    refused = renderer.render(MIXED)[2]
+    assert (refused.status, refused.field) == (Status.refused, "loras"), refused.message

@@ -8,7 +8,7 @@ row's pixels so depend on its own request only: the same bytes alone or in any b
 diffusers' hook registry, as its first-block cache does; the decisions and the cached residuals are per row.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -21,7 +21,7 @@ from service.schema import CachePolicy
 THRESHOLDS: dict[CachePolicy, float | None] = {CachePolicy.off: None, CachePolicy.balanced: 0.1, CachePolicy.fast: 0.2}
 HOOK = "flux_step_cache"
 # Recipes whose blocks FLUX_COMPILE=blocks compiles (`python -m bench.cache` measures them); others are refused.
-COMPILED_RECIPES = ("bf16", "int8")
+COMPILED_RECIPES = ("int8",)
 
 
 class Rows:
@@ -133,30 +133,8 @@ def step_cache(transformer: torch.nn.Module, policies: list[CachePolicy], rows: 
             block._diffusers_hook.remove_hook(HOOK, recurse=False)
 
 
-class CompiledBlocks:
-    """`torch.compile` of each repeated block (regional compilation). Batches carrying a LoRA stack run them
-    eager: the adapters' row-by-row hooks would make the compiler specialize on every mix of stacks."""
-
-    def __init__(self, transformer: torch.nn.Module) -> None:
-        self.eager_now = False
-        for block in transformer_blocks(transformer):
-            block.forward = self._dispatch(block.forward, torch.compile(block.forward, dynamic=True))
-
-    def _dispatch(self, eager: Callable, compiled: Callable) -> Callable:
-        def forward(*args, **kwargs):
-            return (eager if self.eager_now else compiled)(*args, **kwargs)
-
-        return forward
-
-
-@contextmanager
-def eager(compiled: CompiledBlocks | None) -> Iterator[None]:
-    """Compiled blocks (if any) run eager inside."""
-    if compiled is None:
-        yield
-        return
-    compiled.eager_now = True
-    try:
-        yield
-    finally:
-        compiled.eager_now = False
+def compile_blocks(transformer: torch.nn.Module) -> None:
+    """`torch.compile` of each repeated block's forward (regional compilation), shapes dynamic: the step cache
+    runs them for any number of rows. The step cache's hooks stay outside the compiled code."""
+    for block in transformer_blocks(transformer):
+        block.forward = torch.compile(block.forward, dynamic=True)

@@ -8,7 +8,7 @@ runs out of memory is split in halves, after the failed attempt's tensors are re
 import gc
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import torch
 from diffusers import FluxPipeline
@@ -25,7 +25,7 @@ from service.observe import (
     request_id,
 )
 from service.runtime.adapters import AdapterCache, stacks_applied
-from service.runtime.blocks import CompiledBlocks, RowCache, Rows, eager, step_cache
+from service.runtime.blocks import RowCache, Rows, compile_blocks, step_cache
 from service.runtime.board import Board
 from service.runtime.imaging import MEDIA_TYPES, encode_image
 from service.runtime.placement import Placement
@@ -82,7 +82,7 @@ class Renderer:
         step_cache: CachePolicy = CachePolicy.off,
     ) -> None:
         self.pipe, self.placement, self.cache, self.board = pipe, placement, cache, board or Board()
-        self.adapters, self.step_cache, self.compiled = adapters, step_cache, None
+        self.adapters, self.step_cache, self.compiled = adapters, step_cache, False
         self.variant = pipeline_variant(pipe)
         placement.apply(pipe)
         if placement.device.type == "cpu" or pipe.vae.dtype == torch.float16:  # no fast bf16 / fp16 range
@@ -135,6 +135,10 @@ class Renderer:
             return None
         if self.adapters is None:
             return failure(Status.refused, "this deployment serves no LoRA adapters", field="loras")
+        if self.compiled:
+            return failure(
+                Status.refused, "this deployment compiles its blocks (FLUX_COMPILE=blocks): no LoRA", field="loras"
+            )
         return self.adapters.refusal(item)
 
     def _attempt(self, group: list[WorkItem]) -> list[Result] | None:
@@ -179,21 +183,20 @@ class Renderer:
         return results
 
     def compile_blocks(self, warm_up: list[list[WorkItem]]) -> float:
-        """Compile the transformer's repeated blocks, rendering `warm_up` batches to do it; the seconds taken."""
-        self.compiled, started = CompiledBlocks(self.pipe.transformer), time.perf_counter()
+        """Compile the transformer's repeated blocks, rendering `warm_up` batches to do it; the seconds taken.
+        From then on LoRA stacks are refused: their per-row hooks inside compiled code would recompile for
+        every mix of stacks, or run eager and change the other images' bytes."""
+        compile_blocks(self.pipe.transformer)
+        self.compiled, started = True, time.perf_counter()
         for batch in warm_up:
             self.render(batch)
         return time.perf_counter() - started
 
-    @contextmanager
     def _loras(self, group: list[WorkItem], rows: Rows):
-        """Each item's LoRA stack on the transformer for one pipeline call (nothing when none has one), with
-        the blocks eager when they are compiled."""
+        """Each item's LoRA stack on the transformer for one pipeline call (nothing when none has one)."""
         if not any(item.loras for item in group):
-            yield
-            return
-        with stacks_applied(self.pipe.transformer, self.adapters.stacks(group), rows), eager(self.compiled):
-            yield
+            return nullcontext()
+        return stacks_applied(self.pipe.transformer, self.adapters.stacks(group), rows)
 
     def _encode_text(self, prompts: list[str]):
         """Embeddings for the batch; the encoders (and the placement's moves for them) run only on a miss."""
