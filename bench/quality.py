@@ -24,9 +24,7 @@ from models.toy.checker import ATTRIBUTES, adherence
 from models.toy.scenes import Scene, held_out_prompts
 from quantize.validate import Renders, compare, render
 
-# GGUF rows (Q8_0, Q4_0) need a GGUF file of the toy transformer: diffusers' FLUX converter, which writes it,
-# assumes FLUX.1-dev's widths (3072), so `--rows ...,Q8_0` works on `medium`-wide models only.
-ROWS = ("bf16", "float16", "int8", "int4", "fp8", "int8-bnb", "nf4", "fp4")
+ROWS = ("bf16", "float16", "int8", "int4", "fp8", "int8-bnb", "nf4", "fp4", "Q8_0", "Q4_0")  # Q*: GGUF files
 SHEET_COLUMNS = 12
 
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 
-from models.single_file import ROW_BITS, SingleFileTransformer, original_layout_shapes, runs
+from models.single_file import ROW_BITS, SingleFileTransformer, converted_row_ids, original_layout_shapes, runs
 from models.tensors import TensorFiles
 
 PLAIN_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
@@ -83,7 +82,7 @@ def to_original_layout(state: dict[str, torch.Tensor], config: dict) -> dict[str
     keys = list(shapes)
     row_ids = {key: (number << ROW_BITS) + torch.arange(shapes[key][0]) for number, key in enumerate(keys)}
     original = {key: torch.empty(shape, dtype=torch.float32) for key, shape in shapes.items()}
-    for name, ids in convert_flux_transformer_checkpoint_to_diffusers(row_ids).items():
+    for name, ids in converted_row_ids(row_ids).items():
         done = 0
         for number, first, last in runs(ids):
             original[keys[number]][first:last] = state[name][done : done + last - first]

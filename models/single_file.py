@@ -10,11 +10,31 @@ demand with `safe_open` slices.
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
 from models.tensors import TensorFiles
 
 ROW_BITS = 32  # a row id is (source tensor number << ROW_BITS) | row
+# diffusers' converter splits each single block's fused `linear1` (q, k, v, MLP) at FLUX.1's widths
+FLUX_SPLIT = (3072, 3072, 3072, 12288)
+PADDING = -1  # a row id that stands for no row
+
+
+def converted_row_ids(row_ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' converter run on row ids, at any width: each single block's `linear1` ids are padded to the
+    widths the converter splits at, and the padding dropped from what it returns."""
+    padded = {key: fused_to_flux_widths(ids) if ".linear1." in key else ids for key, ids in row_ids.items()}
+    converted = convert_flux_transformer_checkpoint_to_diffusers(padded)
+    return {name: ids[ids != PADDING] for name, ids in converted.items()}
+
+
+def fused_to_flux_widths(ids: torch.Tensor) -> torch.Tensor:
+    """`linear1` rows (q, k, v of `inner` rows each, then 4 × `inner` MLP rows), each part padded to FLUX.1's."""
+    inner = len(ids) // 7
+    parts = torch.split(ids, (inner, inner, inner, 4 * inner))
+    padded = [F.pad(part, (0, width - len(part)), value=PADDING) for part, width in zip(parts, FLUX_SPLIT, strict=True)]
+    return torch.cat(padded)
 
 
 class SingleFileTransformer(TensorFiles):
@@ -30,7 +50,7 @@ class SingleFileTransformer(TensorFiles):
         row_ids = {
             key: (number << ROW_BITS) + torch.arange(self.rows(key)) for number, key in enumerate(self.source_keys)
         }
-        converted = convert_flux_transformer_checkpoint_to_diffusers(row_ids)
+        converted = converted_row_ids(row_ids)
         self.pieces = {name: runs(ids) for name, ids in converted.items()}
 
     def __contains__(self, name: str) -> bool:

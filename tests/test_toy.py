@@ -6,10 +6,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from diffusers import FluxPipeline
 from PIL import Image
+from safetensors.torch import load_file
 
 from models.artifact import hash_files
+from models.gguf_file import GGUFTransformer, gguf_from_diffusers
 from models.toy import TRAINED
 from models.toy.checker import ATTRIBUTES, adherence, judge, read, saturation, thinness
 from models.toy.scenes import COLOURS, HELD_OUT, SHAPES, Scene, every_pair_kept, parse_caption, sample_scene
@@ -90,3 +93,18 @@ def test_the_committed_weights_are_the_ones_their_record_names():
     assert record["command"].startswith("python -m models train")
     assert record["files"] == {path: sha for path, sha in hash_files(TRAINED).items() if path != "training.json"}
     assert {"outlined", "pastel"} <= set(record.get("loras", {}))
+
+
+def test_a_gguf_file_of_the_toy_transformer_reads_back_as_its_tensors(tmp_path):
+    """diffusers' converter assumes FLUX.1's widths (3072); the toy is 128 wide, and its GGUF file still maps
+    every diffusers tensor to its rows: F32 tensors exactly, Q8_0 weights within a block's rounding."""
+    folder = TRAINED / "transformer"
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+    read = GGUFTransformer(gguf_from_diffusers(folder, tmp_path / "toy.gguf", "Q8_0"))
+    assert sorted(read.keys()) == sorted(weights)
+    for name, tensor in weights.items():
+        back, tensor = read.get(name).reshape(tensor.shape), tensor.float()
+        if read.is_quantized(name):
+            assert (back - tensor).abs().max() <= tensor.abs().max() / 127, name
+        else:
+            assert torch.equal(back, tensor), name
