@@ -62,7 +62,7 @@ class RowCache:
         for row, (threshold, previous) in enumerate(zip(self.thresholds, self.head_residual, strict=True)):
             if previous is None or threshold is None or relative_change(residual[row], previous) > threshold:
                 computing.append(row)
-                self.head_residual[row] = residual[row]
+                self.head_residual[row] = residual[row].clone()  # a view would keep the whole batch's tensor
                 self.computed[row] += 1
         return computing
 
