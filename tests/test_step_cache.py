@@ -4,9 +4,12 @@ renders the same bytes alone or in any batch, with any policy, LoRA stack or out
 from collections import Counter
 from pathlib import Path
 
+import bentoml
 import pytest
 import torch
 
+from bench.gguf import store
+from models.artifact import load_pipeline
 from models.lora import describe_pairs, read_lora_file, write_adapter
 from models.source import load_source_pipeline, resolve_source
 from models.toy import SIZE, STEPS, TRAINED
@@ -168,3 +171,20 @@ def test_compiled_blocks_give_an_image_the_same_bytes_alone_or_in_any_batch(toy_
     assert [result.image for result in renderer.render(plain[1:])] == alone[1:]
     refused = renderer.render(MIXED)[2]
     assert (refused.status, refused.field) == (Status.refused, "loras"), refused.message
+
+
+@pytest.mark.slow  # quantizes the toy with every recipe: `make test-all`
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8", "int8-bnb", "nf4", "fp4", "Q8_0", "Q4_0"])
+def test_every_backend_keeps_each_items_solo_bytes_while_skipping(kind, tmp_path):
+    stored = store(TRAINED, kind, tmp_path, f"step-cache-{kind.lower()}")
+    pipe = load_pipeline(Path(bentoml.models.get(stored.tag).path))[0]
+    renderer = Renderer(pipe, Placement.resident(torch.device("cpu")))
+    plain = [one for one in MIXED if not one.loras]
+    counted = BatchSizes(pipe)
+    try:
+        batched = renderer.render(plain)
+        remaining_runs = counted.rows_per_block(len(transformer_blocks(pipe.transformer)) - 1)
+    finally:
+        counted.close()
+    assert [result.image for result in batched] == [renderer.render([one])[0].image for one in plain]
+    assert remaining_runs < len(plain) * STEPS, "nothing was skipped"
