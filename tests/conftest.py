@@ -1,6 +1,8 @@
 """Shared fixtures: a private BentoML home, the tiny FLUX checkpoint, and its quantized artifacts."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -8,6 +10,8 @@ from pathlib import Path
 
 # Before anything imports bentoml: every test run gets its own model store.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="flux-tests-bentoml-")
+# Removed when the process ends: each run stores GBs of artifacts, and left behind they filled the disk.
+atexit.register(shutil.rmtree, os.environ["BENTOML_HOME"], ignore_errors=True)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 # One compute thread per process, the servers and subprocesses the tests start included: two pytest workers
