@@ -76,7 +76,7 @@ def test_the_style_statistics_tell_the_adapters_effects_apart():
 
 
 def test_the_training_command_trains_both_models_and_a_lora_and_records_them(tmp_path):
-    schedule = Schedule(vae_steps=3, vae_batch=4, steps=3, batch=8, scenes=16)
+    schedule = Schedule(vae_steps=3, vae_batch=4, steps=3, batch=8, scenes=16, compile=False)
     record = train(tmp_path, seed=0, schedule=schedule, argv=["--out", str(tmp_path)])
     assert set(record["final_loss"]) == {"VAE", "transformer"}
     Image.open(tmp_path / "loss.png").verify()

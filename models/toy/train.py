@@ -31,11 +31,12 @@ IMAGE_TOKENS = (LATENT_SIDE // 2) ** 2  # 2×2 patches
 class Schedule:
     vae_steps: int = 3600
     vae_batch: int = 8
-    steps: int = 3000
-    batch: int = 64
+    steps: int = 8000
+    batch: int = 32
     scenes: int = 30000  # pictures encoded once for the transformer's training
     lr: float = 5e-4
     ema: float = 0.999
+    compile: bool = True  # a compiled training step is 1.5× faster on this CPU at batch 32, after ~1 min of compiling
 
 
 def pixels(scenes: list[Scene], style: str | None = None) -> torch.Tensor:
@@ -136,13 +137,14 @@ def train_transformer(
     optimizer = torch.optim.AdamW(trainable, lr=schedule.lr, weight_decay=0.0)
     average = [p.detach().clone() for p in trainable]
     transformer.train()
+    loss_of = torch.compile(flow_loss) if schedule.compile else flow_loss
     with Progress() as progress:
         task = progress.add_task(label, total=schedule.steps)
         for step in range(schedule.steps):
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr * cosine(step, schedule.steps)
             index = torch.randint(len(data["latents"]), (schedule.batch,), generator=generator)
-            loss = flow_loss(transformer, data, index, generator)
+            loss = loss_of(transformer, data, index, generator)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
@@ -242,7 +244,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder to write (diffusers layout)")
     parser.add_argument("--seed", type=int, default=0)
     for name, default in Schedule().__dict__.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
     parser.add_argument(
         "--lora", choices=STYLES, help="train this style's LoRA on the trained model in --out (--steps, --scenes)"
     )
