@@ -90,9 +90,7 @@ class Gateway:
             raise
         finally:
             REQUESTS.labels(protocol=first.protocol, outcome=outcome).inc()
-            logger.info(
-                "%s %d× %dx%d %d steps: %s", first.protocol, len(items), first.width, first.height, first.steps, outcome
-            )
+            logger.info("%s %d× %s: %s", first.protocol, len(items), described(items[0]), outcome)
             request_id.reset(token)
 
     async def _follow(self, items: list[WorkItem], caller_left) -> list[Result]:
@@ -142,6 +140,13 @@ class Gateway:
 
     async def info(self) -> dict:
         return await call_worker(self.worker.to_async.info)
+
+
+def described(item: WorkItem) -> str:
+    """Size and steps for the outcome line; steps the request left to the model's default say so (a request
+    refused before its defaults were filled in has none)."""
+    steps = "default" if item.steps is None else item.steps
+    return f"{item.width}x{item.height} {steps} steps"
 
 
 async def call_worker(method, *args, **kwargs):

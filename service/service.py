@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import bentoml
+from bentoml._internal.configuration.containers import BentoMLContainer
 from starlette.responses import JSONResponse, Response
 
 from models.artifact import load_pipeline, read_manifest
@@ -57,9 +58,22 @@ def artifact_reference(tag: str, variable: str = "FLUX_ARTIFACT") -> bentoml.mod
     """A model the service references (a model-store lookup), so a wrong tag stops `serve` and `build` at once."""
     reference = bentoml.models.BentoModel(tag)
     if reference.stored is None:
-        known = ", ".join(str(model.tag) for model in bentoml.models.list()) or "none"
+        known = ", ".join(str(model.tag) for model in stored_models()) or "none"
         raise SystemExit(f"{variable}={tag!r}: no such model in the BentoML store (have: {known})")
     return reference
+
+
+def stored_models() -> list[bentoml.models.Model]:
+    """The model store's complete entries. An entry another process is still writing (`python -m quantize`
+    storing a model beside a running server) has no model.yaml yet: skipped, where `bentoml.models.list()`
+    raises."""
+    found = []
+    for folder in sorted(Path(BentoMLContainer.model_store_dir.get()).glob("*/*/")):
+        try:
+            found.append(bentoml.models.get(f"{folder.parent.name}:{folder.name}"))
+        except bentoml.exceptions.BentoMLException:
+            continue
+    return found
 
 
 def is_adapter_for(model: bentoml.models.Model, architecture: str) -> bool:
@@ -77,7 +91,7 @@ def lora_folder(architecture: str, name: str) -> Path | None:
 
 
 def lora_names(architecture: str) -> list[str]:
-    return sorted({model.tag.name for model in bentoml.models.list() if is_adapter_for(model, architecture)})
+    return sorted({model.tag.name for model in stored_models() if is_adapter_for(model, architecture)})
 
 
 def stop_server(message: str) -> None:

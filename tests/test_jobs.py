@@ -5,9 +5,11 @@ import asyncio
 import hashlib
 import hmac
 import json
+import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import grpc
 import httpx
@@ -260,6 +262,21 @@ def test_jobs_queued_while_redis_is_down_are_not_lost(server, backends):
     finally:
         queue.start()
     assert [finished(url, job_id)["status"] for job_id in ids] == ["succeeded"] * 3
+
+
+def test_the_queue_heals_when_redis_comes_back_without_its_data(server, backends):
+    """A restart without persistence (or a failover to an empty replica) loses the stream and its consumer
+    group: the replica makes the group again, and jobs accepted after it run."""
+    url, (queue, _) = server[0], backends
+    queue.stop()
+    for kept in Path(queue.folder).iterdir():
+        if kept.name != "redis.log":
+            shutil.rmtree(kept) if kept.is_dir() else kept.unlink()
+    queue.start()
+    accepted = submit(url, {**SMALL, "seed": 5})
+    assert accepted.status_code == 202, accepted.text
+    assert finished(url, accepted.json()["id"], timeout_s=60)["status"] == "succeeded"
+    assert httpx.get(f"{url}/readyz").status_code == 200
 
 
 def test_a_job_taken_over_too_often_fails_with_the_reason(server, backends):

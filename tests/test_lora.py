@@ -3,6 +3,8 @@ that mix stacks, the adapter store and its refusals, and a real server batching 
 
 import io
 import json
+import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -449,6 +451,22 @@ def test_an_unknown_adapter_is_a_400_naming_it_and_the_server_keeps_serving(lora
         refusal = txt2img(url, prompt="fox", **fields, **SMALL)
         assert refusal.status_code == 400 and location in refusal.text, refusal.text
     assert txt2img(url, prompt="fox", loras=[{"name": "tiny-a"}], **SMALL).status_code == 200
+
+
+def test_a_model_being_written_into_the_store_keeps_refusals_400_and_info_200(lora_server):
+    """`python -m quantize` stores a model beside a running server: until its model.yaml is written the store
+    holds an entry that `bentoml.models.list()` raises on."""
+    url, _ = lora_server
+    entry = Path(os.environ["BENTOML_HOME"]) / "models" / "being-written" / "v1"
+    entry.mkdir(parents=True)
+    try:
+        (entry / "transformer.safetensors").write_bytes(b"half a file")
+        refusal = txt2img(url, prompt="fox", loras=[{"name": "brand-x"}], **SMALL)
+        info = httpx.post(f"{url}/info", timeout=30)
+    finally:
+        shutil.rmtree(entry.parent)
+    assert refusal.status_code == 400 and "'brand-x'" in refusal.json()["error"], refusal.text
+    assert info.status_code == 200 and "tiny-a" in info.json()["loras"]["available"], info.text
 
 
 def test_grpc_and_the_cli_carry_the_stack(lora_server, tmp_path):

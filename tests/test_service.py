@@ -106,6 +106,19 @@ def test_bad_input_is_a_4xx_naming_the_field(server, fields, field):
     assert [field] in [error["loc"] for error in response.json()["detail"]]
 
 
+def test_a_request_leaving_steps_unset_logs_its_outcome_line(served):
+    """The outcome line operators grep for, for the default request (steps filled in from the model) and for
+    one refused before its defaults were known; never a logging traceback."""
+    url, log = served
+    ok = httpx.post(f"{url}/txt2img", json={"prompt": "default steps", "width": 64, "height": 64}, timeout=300)
+    refused = httpx.post(f"{url}/txt2img", json={"prompt": "too wide", "width": 2048, "height": 64}, timeout=60)
+    assert ok.status_code == 200 and refused.status_code == 400, refused.text
+    text = log.read_text()
+    assert f"[request {ok.headers['x-request-id']}] http 1× 64x64 28 steps: ok" in text
+    assert f"[request {refused.headers['x-request-id']}] http 1× 2048x64 default steps: refused" in text
+    assert "Logging error" not in text
+
+
 def test_a_400_carries_a_request_id_and_is_logged_with_it(served):
     url, log = served
     response = httpx.post(f"{url}/txt2img", json={"prompt": "fox", "seed": True}, timeout=60)

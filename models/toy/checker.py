@@ -1,23 +1,46 @@
 """Read a toy picture back: its background, and each object's colour, shape, size and position.
 
-Analytic: every pixel takes the nearest palette colour; the background is the commonest neutral colour; objects
-are the connected regions of object colours. A region's shape comes from which corners of its bounding box it
-fills (`shape_of`); its size from its box's width; its place from its box's centre.
+Analytic: every pixel takes the nearest palette colour (each object colour also in its pastel shade, under the
+same name); the background is the commonest neutral colour; objects are the connected regions of object colours,
+holes filled (so an outline reads as its shape). Each region is fitted (`fit`): the shape, turn and half-width
+whose outline, of the region's area and centroid, overlaps it most. Its size is read from that half-width, its
+place from that outline's centre, and its look (what the caption leaves open) from all of them.
 Rounded corners and soft edges, as a model draws them, keep their shape."""
 
+import math
 from dataclasses import dataclass
+from itertools import product
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from models.toy.scenes import BACKGROUNDS, COLOURS, POSITIONS, SIDE, SIZES, Scene, Thing
+from models.toy.scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    GROWTH,
+    POSITIONS,
+    SHAPES,
+    SIDE,
+    SIZES,
+    TURN,
+    Look,
+    Scene,
+    Thing,
+    outline,
+    pastel,
+)
 
-PALETTE = np.array([*BACKGROUNDS.values(), *COLOURS.values()], dtype=np.float32)
-NAMES = [*BACKGROUNDS, *COLOURS]
+PALETTE = np.array([*BACKGROUNDS.values(), *COLOURS.values(), *(pastel(c) for c in COLOURS.values())], dtype=np.float32)
+NAMES = [*BACKGROUNDS, *COLOURS, *COLOURS]
 NEUTRAL = len(BACKGROUNDS)  # labels below this are background colours
 MIN_AREA = 24  # pixels: smaller regions are smudges, not objects
-SIZE_SPLIT = SIZES["small"] + SIZES["large"] + 1  # box width between a small object's and a large one's
+SIZE_SPLIT = math.sqrt(SIZES["small"] * (1 + GROWTH) * SIZES["large"] * (1 - GROWTH))  # between small's and large's
+# A shape of half-width h drawn in pixels covers about a·h² + b·h of them (b: the edge's pixels, fitted on PIL's
+# drawings); the fit tries half-widths around the solution, by these factors.
+AREA = {"circle": (math.pi, 3.15), "square": (4.0, 2.52), "triangle": (2.0, 2.2), "diamond": (2.0, 1.93)}
+SCALES = (0.93, 0.965, 1.0, 1.035, 1.07)
+TURNS = {shape: [0.0] if shape == "circle" else list(np.linspace(-TURN, TURN, 7)) for shape in SHAPES}
 ATTRIBUTES = ("background", "count", "colour", "shape", "size", "position")
 
 
@@ -33,36 +56,69 @@ def read(image: Image.Image) -> Scene:
     labels = labels_of(image)
     background = NAMES[int(np.bincount(labels.ravel(), minlength=len(NAMES))[:NEUTRAL].argmax())]
     regions, count = ndimage.label(labels >= NEUTRAL)
+    pixels = np.asarray(image.convert("RGB").resize((SIDE, SIDE)), dtype=np.float32)
     things = []
-    for index, box in enumerate(ndimage.find_objects(regions), start=1):
-        mask = regions[box] == index
+    for index in range(1, count + 1):
+        mask = regions == index
         if mask.sum() >= MIN_AREA:
-            things.append(thing_in(mask, labels[box][mask], box))
+            things.append(thing_in(ndimage.binary_fill_holes(mask), labels[mask], pixels[mask]))
     return Scene(background, tuple(sorted(things, key=lambda t: list(POSITIONS).index(t.position))))
 
 
-def shape_of(mask: np.ndarray) -> str:
-    """From the corners of the bounding box, a quarter of its side each way: a square fills them, a triangle the
-        bottom two (half), a circle all four a little, a diamond none; a circle also fills more of its box (π/4
-    against ½), so the two together tell a rounded diamond from a small circle."""
-    height, width = mask.shape
-    rows, columns = max(1, height // 4), max(1, width // 4)
-    top = (mask[:rows, :columns].mean() + mask[:rows, -columns:].mean()) / 2
-    bottom = (mask[-rows:, :columns].mean() + mask[-rows:, -columns:].mean()) / 2
-    if min(top, bottom) > 0.55:
-        return "square"
-    if bottom - top > 0.2:
-        return "triangle"
-    return "circle" if mask.mean() + (top + bottom) / 2 > 0.82 else "diamond"
+@dataclass(frozen=True)
+class Fit:
+    shape: str
+    turn: float
+    half: float
+    centre: tuple[float, float]
+    overlap: float  # intersection over union with the region
 
 
-def thing_in(mask: np.ndarray, labels: np.ndarray, box: tuple[slice, slice]) -> Thing:
-    height, width = mask.shape
-    shape = shape_of(mask)
-    centre = ((box[1].start + box[1].stop) / 2, (box[0].start + box[0].stop) / 2)
-    position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - centre[0]) ** 2 + (POSITIONS[p][1] - centre[1]) ** 2)
+def fit(mask: np.ndarray) -> Fit:
+    """The outline that overlaps the region most, each shape and turn at the region's area and centroid."""
+    area = float(mask.sum())
+    rows, columns = np.nonzero(mask)
+    centroid = float(columns.mean()) + 0.5, float(rows.mean()) + 0.5  # pixel i covers [i, i + 1) in PIL's terms
+    fits = []
+    for shape in SHAPES:
+        for turn, scale in product(TURNS[shape], SCALES):
+            a, b = AREA[shape]
+            half = scale * (math.sqrt(b * b + 4 * a * area) - b) / (2 * a)
+            corners = outline(shape, half, turn)
+            offset = np.mean(corners, axis=0) if shape == "triangle" else (0.0, 0.0)  # a triangle's centroid
+            centre = centroid[0] - offset[0], centroid[1] - offset[1]
+            drawn = rasterize(shape, [(centre[0] + x, centre[1] + y) for x, y in corners])
+            overlap = (drawn & mask).sum() / (drawn | mask).sum()
+            fits.append((float(overlap), -abs(scale - 1), Fit(shape, float(turn), half, centre, float(overlap))))
+    return max(fits, key=lambda f: f[:2])[2]  # pixels often fit a range of half-widths: the middle one
+
+
+def rasterize(shape: str, corners: list[tuple[float, float]]) -> np.ndarray:
+    canvas = Image.new("1", (SIDE, SIDE))
+    pen = ImageDraw.Draw(canvas)
+    if shape == "circle":
+        (x0, y0), (x1, y1) = corners[0], corners[2]
+        pen.ellipse((x0, y0, x1, y1), fill=1)
+    else:
+        pen.polygon(corners, fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def thing_in(mask: np.ndarray, labels: np.ndarray, pixels: np.ndarray) -> Thing:
+    """The object in a region: its commonest colour name, the best fit's shape and place, its size from the fit's
+    half-width, and its look."""
+    found = fit(mask)
+    position = min(POSITIONS, key=lambda p: math.dist(POSITIONS[p], found.centre))
     colour = NAMES[int(np.bincount(labels).argmax())]
-    return Thing(colour, shape, position, "large" if max(height, width) >= SIZE_SPLIT else "small")
+    size = "large" if found.half >= SIZE_SPLIT else "small"
+    shade = np.median(pixels, axis=0) - np.array(COLOURS[colour])
+    look = Look(
+        shift=(found.centre[0] - POSITIONS[position][0], found.centre[1] - POSITIONS[position][1]),
+        growth=found.half / SIZES[size],
+        turn=found.turn,
+        shade=tuple(int(round(c)) for c in shade),
+    )
+    return Thing(colour, found.shape, position, size, look)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,16 @@
-"""Pictures the toy model learns to draw: coloured shapes on a plain background, captioned in plain English,
-generated from a seed. Some (colour, shape, position) combinations are held out: training never draws them."""
+"""Pictures the toy model learns to draw: coloured shapes on a shaded background, captioned in plain English,
+generated from a seed. A caption names each object's colour, shape, size and place; the seed also picks what it
+leaves open (`Look`: where exactly in its place, how big within its size, turned how far, which shade of its
+colour, and the background's light), so one caption has many pictures, as FLUX.1's captions do. Some (colour,
+shape, position) combinations are held out: training never draws them."""
 
+import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from itertools import product
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 SIDE = 64  # the toy model's pictures are 64×64
@@ -28,13 +33,32 @@ POSITIONS = {  # centre of each place, in pixels
     "bottom left": (16, 48),
     "bottom right": (48, 48),
 }
-SIZES = {"small": 7, "large": 12}  # half the object's width; scenes of several objects draw them small
+SIZES = {"small": 6.5, "large": 11.5}  # half the object's width, in the middle of its size's range
 VOCABULARY = tuple(  # every word a caption uses
     sorted({*COLOURS, *BACKGROUNDS, *SHAPES, *SIZES, *" ".join(POSITIONS).split(), "a", "at", "the", "in", "on"})
     + ["and", "background"]
 )
 HELD_OUT_COUNT = 20
 HELD_OUT_SEED = 2024
+
+# What the seed varies, and how far (`Look`): each bound keeps every attribute readable.
+SHIFT = 4.0  # pixels each way from the place's centre
+GROWTH = 0.15  # a size's half-width within ±15 %: small 5.5–7.5 px, large 9.8–13.2 px
+TURN = 15.0  # degrees each way (squares, triangles and diamonds; a diamond is a square turned 45°)
+SHADE = 14  # each channel of the colour within ±14 of the named colour
+LIGHT = 8.0  # the background's light changes by up to ±8 from the centre to the edge
+MARGIN = 1  # pixels kept clear at the picture's edge
+GAP = 2  # pixels kept clear between two objects
+
+
+@dataclass(frozen=True)
+class Look:
+    """How the seed draws one object, within what its caption says (the nominal look is all zeros)."""
+
+    shift: tuple[float, float] = (0.0, 0.0)  # from its place's centre, pixels (x, y)
+    growth: float = 1.0  # its half-width over its size's nominal one
+    turn: float = 0.0  # degrees, clockwise
+    shade: tuple[int, int, int] = (0, 0, 0)  # added to its colour's channels
 
 
 @dataclass(frozen=True)
@@ -43,6 +67,7 @@ class Thing:
     shape: str
     position: str
     size: str
+    look: Look = field(default=Look(), compare=False)
 
     @property
     def combination(self) -> tuple[str, str, str]:
@@ -52,11 +77,67 @@ class Thing:
         place = "in the centre" if self.position == "centre" else f"at the {self.position}"
         return f"a {self.size} {self.colour} {self.shape} {place}"
 
+    @property
+    def half(self) -> float:
+        return SIZES[self.size] * self.look.growth
+
+    def corners(self) -> list[tuple[float, float]]:
+        """The shape's outline as drawn (a circle as its bounding square), kept inside the picture."""
+        (x, y), half = POSITIONS[self.position], self.half
+        x, y = x + self.look.shift[0], y + self.look.shift[1]
+        points = [(x + dx, y + dy) for dx, dy in outline(self.shape, half, self.look.turn)]
+        nudge = inward(points)
+        return [(px + nudge[0], py + nudge[1]) for px, py in points]
+
+    def inside(self) -> "Thing":
+        """The same thing with its look's shift where `corners` draws it (nudged into the picture)."""
+        (x, y), (sx, sy) = POSITIONS[self.position], self.look.shift
+        nudge = inward([(x + sx + dx, y + sy + dy) for dx, dy in outline(self.shape, self.half, self.look.turn)])
+        return replace(self, look=replace(self.look, shift=(sx + nudge[0], sy + nudge[1])))
+
+    def box(self) -> tuple[float, float, float, float]:
+        xs, ys = zip(*self.corners(), strict=True)
+        return min(xs), min(ys), max(xs), max(ys)
+
+    def rgb(self, style: str | None = None) -> tuple[int, int, int]:
+        colour = tuple(int(np.clip(c + d, 0, 255)) for c, d in zip(COLOURS[self.colour], self.look.shade, strict=True))
+        return pastel(colour) if style == "pastel" else colour
+
+
+def outline(shape: str, half: float, turn: float) -> list[tuple[float, float]]:
+    """Corners around the drawing centre: a triangle points up, a diamond is a square turned 45°; a circle's is
+    its bounding square (never turned)."""
+    if shape == "circle":
+        return [(-half, -half), (half, -half), (half, half), (-half, half)]
+    corners = {
+        "square": [(-half, -half), (half, -half), (half, half), (-half, half)],
+        "triangle": [(0.0, -half), (half, half), (-half, half)],
+        "diamond": [(0.0, -half), (half, 0.0), (0.0, half), (-half, 0.0)],
+    }[shape]
+    cos, sin = math.cos(math.radians(turn)), math.sin(math.radians(turn))
+    return [(dx * cos - dy * sin, dx * sin + dy * cos) for dx, dy in corners]
+
+
+def inward(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """How far to move `points` to keep them MARGIN pixels inside the picture."""
+    low, high = MARGIN, SIDE - 1 - MARGIN
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    return (
+        max(0.0, low - min(xs)) - max(0.0, max(xs) - high),
+        max(0.0, low - min(ys)) - max(0.0, max(ys) - high),
+    )
+
+
+def pastel(colour: tuple[int, ...]) -> tuple[int, ...]:
+    """The `pastel` style's colour: half way to white."""
+    return tuple((c + 255) // 2 for c in colour)
+
 
 @dataclass(frozen=True)
 class Scene:
     background: str
     things: tuple[Thing, ...]
+    light: tuple[float, float] = field(default=(0.0, 0.0), compare=False)  # the background's change to the edge, x, y
 
     def caption(self) -> str:
         phrases = [thing.phrase() for thing in self.things]
@@ -66,30 +147,26 @@ class Scene:
     def draw(self, style: str | None = None) -> Image.Image:
         """The picture; `style` (STYLES) is what the toy's LoRA adapters learn: `outlined` draws each shape's
         outline only, `pastel` mixes its colour half with white."""
-        image = Image.new("RGB", (SIDE, SIDE), BACKGROUNDS[self.background])
+        image = Image.fromarray(self.backdrop())
         pen = ImageDraw.Draw(image)
         for thing in self.things:
-            colour = COLOURS[thing.colour]
-            if style == "pastel":
-                colour = tuple((c + 255) // 2 for c in colour)
+            colour = thing.rgb(style)
             ink = dict(outline=colour, width=2) if style == "outlined" else dict(fill=colour)
-            paint(pen, thing, ink)
+            if thing.shape == "circle":
+                pen.ellipse(thing.box(), **ink)
+            else:
+                pen.polygon(thing.corners(), **ink)
         return image
+
+    def backdrop(self) -> np.ndarray:
+        """The background's colour, lit by `light` (a linear gradient through the centre)."""
+        steps = (np.arange(SIDE, dtype=np.float32) - (SIDE - 1) / 2) / (SIDE / 2)
+        change = self.light[0] * steps[None, :] + self.light[1] * steps[:, None]
+        base = np.array(BACKGROUNDS[self.background], dtype=np.float32)
+        return np.clip(base + change[..., None], 0, 255).round().astype(np.uint8)
 
 
 STYLES = ("outlined", "pastel")
-
-
-def paint(pen: ImageDraw.ImageDraw, thing: Thing, ink: dict) -> None:
-    (x, y), h = POSITIONS[thing.position], SIZES[thing.size]
-    if thing.shape == "circle":
-        pen.ellipse((x - h, y - h, x + h, y + h), **ink)
-    elif thing.shape == "square":
-        pen.rectangle((x - h, y - h, x + h, y + h), **ink)
-    elif thing.shape == "triangle":
-        pen.polygon([(x, y - h), (x + h, y + h), (x - h, y + h)], **ink)
-    else:
-        pen.polygon([(x, y - h), (x + h, y), (x, y + h), (x - h, y)], **ink)
 
 
 def held_out() -> frozenset[tuple[str, str, str]]:
@@ -118,20 +195,56 @@ HELD_OUT = held_out()
 
 
 def sample_scene(rng: random.Random, split: str = "train", count: int | None = None) -> Scene:
-    """A scene of `count` things (1–3 when None). `train` never draws a held-out triple; `held_out` draws one as
-    its first thing."""
+    """A scene of `count` things (1–3 when None), each with a look from `rng`. `train` never draws a held-out
+    triple; `held_out` draws one as its first thing."""
     count = count or rng.choice((1, 1, 2, 3))
     size = (lambda: rng.choice(list(SIZES))) if count == 1 else (lambda: "small")
-    things: list[Thing] = []
+    named: list[Thing] = []
     if split == "held_out":
         colour, shape, place = rng.choice(sorted(HELD_OUT))
-        things.append(Thing(colour, shape, place, size()))
-    free = [place for place in POSITIONS if place not in {thing.position for thing in things}]
-    for place in rng.sample(free, count - len(things)):
+        named.append(Thing(colour, shape, place, size()))
+    free = [place for place in POSITIONS if place not in {thing.position for thing in named}]
+    for place in rng.sample(free, count - len(named)):
         while (thing := Thing(rng.choice(list(COLOURS)), rng.choice(SHAPES), place, size())).combination in HELD_OUT:
             pass
+        named.append(thing)
+    things, light = looks(named, rng)
+    return Scene(rng.choice(list(BACKGROUNDS)), things, light)
+
+
+def vary(scene: Scene, rng: random.Random) -> Scene:
+    """The same caption with new looks from `rng`: another of its pictures."""
+    things, light = looks(scene.things, rng)
+    return Scene(scene.background, things, light)
+
+
+def looks(named: list[Thing] | tuple[Thing, ...], rng: random.Random) -> tuple[tuple[Thing, ...], tuple[float, float]]:
+    """A look for each thing, none touching another, and the background's light."""
+    things: list[Thing] = []
+    for thing in named:
+        while overlaps(thing := with_look(thing, rng), things):
+            pass
         things.append(thing)
-    return Scene(rng.choice(list(BACKGROUNDS)), tuple(things))
+    return tuple(things), (rng.uniform(-LIGHT, LIGHT), rng.uniform(-LIGHT, LIGHT))
+
+
+def with_look(thing: Thing, rng: random.Random) -> Thing:
+    look = Look(
+        shift=(rng.uniform(-SHIFT, SHIFT), rng.uniform(-SHIFT, SHIFT)),
+        growth=rng.uniform(1 - GROWTH, 1 + GROWTH),
+        turn=0.0 if thing.shape == "circle" else rng.uniform(-TURN, TURN),
+        shade=(rng.randint(-SHADE, SHADE), rng.randint(-SHADE, SHADE), rng.randint(-SHADE, SHADE)),
+    )
+    return Thing(thing.colour, thing.shape, thing.position, thing.size, look).inside()
+
+
+def overlaps(thing: Thing, others: list[Thing]) -> bool:
+    """Whether `thing`'s box comes within GAP pixels of another's (touching objects would read as one)."""
+    x0, y0, x1, y1 = thing.box()
+    return any(
+        x0 - GAP <= b[2] and b[0] <= x1 + GAP and y0 - GAP <= b[3] and b[1] <= y1 + GAP
+        for b in (other.box() for other in others)
+    )
 
 
 def held_out_prompts(count: int, things: int = 1, seed: int = 7) -> list[Scene]:

@@ -6,6 +6,7 @@ idle past the heartbeat timeout. Replicas keep their own entries fresh by re-cla
 """
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio as redis
@@ -14,6 +15,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
 from service.jobs.records import Job, JobStatus
+from service.observe import logger
 
 GROUP = "flux"
 # queued -> running (this consumer); running -> running (taken over). Returns the status it found.
@@ -82,6 +84,18 @@ class JobQueue:
             if "BUSYGROUP" not in str(error):  # the group exists: another replica made it
                 raise
 
+    async def in_group(self, command: Callable[[], Awaitable]):
+        """Await a consumer-group command. When Redis has lost the group (restarted without its data, or failed
+        over to an empty replica: NOGROUP), make it again, from the stream's first entry, and send it once more."""
+        try:
+            return await self.call(command())
+        except QueueDown as error:
+            if "NOGROUP" not in str(error):
+                raise
+        logger.warning("job queue: Redis has no consumer group %r (it lost its data?): creating it again", GROUP)
+        await self.create_group()
+        return await self.call(command())
+
     async def submit(self, job: Job, idempotency_key: str | None) -> Job:
         """Record and enqueue `job`; with a key seen before (within the retention), the job it made."""
         if idempotency_key:
@@ -103,8 +117,8 @@ class JobQueue:
 
     async def read(self, count: int, block_ms: int) -> list[Delivery]:
         """Up to `count` entries no consumer has read yet, waiting up to `block_ms` for one."""
-        answer = await self.call(
-            self.redis.xreadgroup(GROUP, self.consumer, {self.stream: ">"}, count=count, block=block_ms)
+        answer = await self.in_group(
+            lambda: self.redis.xreadgroup(GROUP, self.consumer, {self.stream: ">"}, count=count, block=block_ms)
         )
         return [Delivery(entry, fields.get("job", "")) for _, entries in answer or [] for entry, fields in entries]
 
@@ -112,8 +126,8 @@ class JobQueue:
         """Entries other consumers left idle longer than `idle_s` (their replica died), now ours."""
         idle_ms = int(idle_s * 1000)
         try:
-            _, claimed, *_ = await self.call(
-                self.redis.xautoclaim(self.stream, GROUP, self.consumer, idle_ms, count=count)
+            _, claimed, *_ = await self.in_group(
+                lambda: self.redis.xautoclaim(self.stream, GROUP, self.consumer, idle_ms, count=count)
             )
         except QueueDown as error:
             if "unknown command" not in str(error).lower():
@@ -136,7 +150,7 @@ class JobQueue:
     async def keep(self, entries: list[str]) -> None:
         """Reset our entries' idle time: we are alive and working on them."""
         if entries:
-            await self.call(self.redis.xclaim(self.stream, GROUP, self.consumer, 0, entries, justid=True))
+            await self.in_group(lambda: self.redis.xclaim(self.stream, GROUP, self.consumer, 0, entries, justid=True))
 
     async def start(self, job_id: str) -> JobStatus | None:
         """Mark the job running on this replica; the status it had (None: no record, e.g. expired)."""
@@ -163,10 +177,14 @@ class JobQueue:
 
     async def acknowledge(self, entry: str) -> None:
         """Done with the entry: no replica will render it again."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.stream, GROUP, entry)
-            pipe.xdel(self.stream, entry)
-            await self.call(pipe.execute())
+
+        async def acknowledge_and_delete():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xack(self.stream, GROUP, entry)
+                pipe.xdel(self.stream, entry)
+                return await pipe.execute()
+
+        await self.in_group(acknowledge_and_delete)
 
     async def cancel(self, job_id: str) -> JobStatus | None:
         status = await self.call(self._cancel(keys=[self.key(job_id)], args=[time.time(), self.retention_s]))
