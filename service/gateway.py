@@ -24,6 +24,19 @@ _BY_WORKER_STATUS = {
 }
 
 
+# Outcomes worth sending again, and after how many seconds (each front says it its own way).
+RETRY_AFTER_S: dict[str, int] = {"draining": 1, "loading": 5, "overloaded": 1, "queue_full": 2, "unavailable": 2}
+# What the worker's server answered, said for the caller (BentoML's own message is "An unexpected error has
+# occurred, please check the server log").
+WORKER_REFUSALS = {
+    "queue_full": f"overloaded: requests of this size would wait in the queue past its latency cap; send it again "
+    f"in {RETRY_AFTER_S['queue_full']} s (Retry-After) or to another replica",
+    "overloaded": f"overloaded: the worker takes no more requests now; send it again in "
+    f"{RETRY_AFTER_S['overloaded']} s",
+    "timeout": "the render took longer than the server's timeout",
+}
+
+
 class Rejected(Exception):
     """A request the front answers itself, with an outcome (service.fronts.outcomes maps it to each protocol)."""
 
@@ -110,7 +123,8 @@ class Gateway:
             self._cancel_on_worker(rid, call)
             raise
         except Exception as error:  # noqa: BLE001 - BentoML raises what the worker's server answered
-            raise Rejected(outcome_of_worker_error(error), str(error) or type(error).__name__) from None
+            outcome = outcome_of_worker_error(error)
+            raise Rejected(outcome, WORKER_REFUSALS.get(outcome) or str(error) or type(error).__name__) from None
         finally:
             IN_FLIGHT.dec()
             self.in_flight -= 1

@@ -159,6 +159,7 @@ class Limits(BaseModel):
     max_batch: dict[int, int]  # resolution bucket -> largest batch the plan allows
     variant: str = "dev"  # models.architecture.VARIANTS: defaults and bounds of steps, guidance and prompts
     t5_tokens: int | None = None  # what the model's T5 reads, when fewer than its variant's
+    model: str | None = None  # what refusals call the served model (its tag); unset: FLUX.1-<variant>
 
     def admit(self, items: list[WorkItem]) -> list[WorkItem]:
         """The items with the variant's defaults filled in, once they pass `check`."""
@@ -201,6 +202,6 @@ class Limits(BaseModel):
         if len(item.prompt) > max_chars:
             raise Refused(
                 "prompt",
-                f"{len(item.prompt)} characters: FLUX.1-{variant.name} reads "
+                f"{len(item.prompt)} characters: {self.model or f'FLUX.1-{variant.name}'} reads "
                 f"{variant.max_sequence_length} T5 tokens, so at most {max_chars} characters",
             )

@@ -24,7 +24,7 @@ from service.fronts.auth import BearerAuth
 from service.fronts.grpc_front import GrpcFront
 from service.fronts.grpc_jobs import Jobs
 from service.fronts.http_gate import HttpGate
-from service.fronts.outcomes import http_status
+from service.fronts.outcomes import http_status, retry_headers
 from service.fronts.v1 import app as v1_app
 from service.gateway import Gateway, Rejected
 from service.jobs.engine import JobEngine
@@ -223,6 +223,7 @@ class FluxWorker:
             max_batch=self.plan.max_batch,
             variant=self.manifest.variant,
             t5_tokens=self.manifest.t5_tokens,
+            model=str(self.artifact.tag),
         )
 
     @bentoml.api
@@ -285,7 +286,8 @@ def http_answer(ctx: bentoml.Context, outcome: str, message: str, rid: str, fiel
     """A failure in the shape of BentoML's validation errors, so one client parser reads both."""
     ctx.response.status_code = http_status(outcome)  # BentoML sets the response's status from the context
     detail = [{"loc": [field] if field else [], "msg": message, "type": outcome}]
-    return JSONResponse({"error": message, "outcome": outcome, "detail": detail}, headers={REQUEST_ID_HEADER: rid})
+    headers = {REQUEST_ID_HEADER: rid, **retry_headers(outcome)}
+    return JSONResponse({"error": message, "outcome": outcome, "detail": detail}, headers=headers)
 
 
 @bentoml.asgi_app(v1_app, path="/v1")

@@ -263,3 +263,51 @@ def test_sigterm_drains_http_and_grpc_alike(tiny_int8_tag, tmp_path):
         assert process.wait(timeout=60) == 0
     finally:
         stop(process)
+
+
+@pytest.fixture(scope="module")
+def impatient_server(tiny_int8_tag, tmp_path_factory):
+    """Requests up to 512² may wait 1 ms in their queue: a burst overflows it."""
+    folder = tmp_path_factory.mktemp("impatient")
+    target = f"127.0.0.1:{free_port()}"
+    env = {
+        "FLUX_ARTIFACT": tiny_int8_tag,
+        "FLUX_GRPC_ADDRESS": target,
+        "FLUX_MAX_LATENCY_MS": '{"512": 1}',
+        **private_home(folder / "home"),
+    }
+    with running_server(free_port(), folder / "server.log", env=env) as url:
+        yield url, target
+
+
+def test_overload_says_what_happened_and_when_to_retry_on_every_protocol(impatient_server):
+    url, target = impatient_server
+    fields = dict(prompt="burst", width=512, height=512, steps=4)
+
+    def over_http(seed: int) -> tuple[int, str, str | None]:
+        answer = httpx.post(f"{url}/txt2img", json={**fields, "seed": seed}, timeout=120)
+        return answer.status_code, answer.text, answer.headers.get("retry-after")
+
+    def over_openai(seed: int) -> tuple[int, str, str | None]:
+        body = {"prompt": "burst", "size": "512x512", "steps": 4, "seed": seed}
+        answer = httpx.post(f"{url}/v1/images/generations", json=body, timeout=120)
+        return answer.status_code, answer.text, answer.headers.get("retry-after")
+
+    def over_grpc(seed: int) -> tuple[grpc.StatusCode, str, str | None]:
+        call = FluxGrpcClient(target).stub.Generate.with_call
+        try:
+            call(FluxGrpcClient.message(GenerationRequest(**fields, seed=seed)), timeout=120)
+            return grpc.StatusCode.OK, "", None
+        except grpc.RpcError as error:
+            return error.code(), error.details(), dict(error.trailing_metadata()).get("retry-after")
+
+    with ThreadPoolExecutor(18) as pool:
+        calls = [pool.submit(send, seed) for seed in range(6) for send in (over_http, over_openai, over_grpc)]
+        answers = [call.result() for call in calls]
+    http_refused = [a for a in answers[0::3] + answers[1::3] if a[0] == 503]
+    grpc_refused = [a for a in answers[2::3] if a[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert http_refused and grpc_refused, answers
+    for _, message, retry_after in http_refused + grpc_refused:
+        assert "overloaded" in message and "send it again in 2 s" in message, message
+        assert "unexpected error" not in message and retry_after == "2", (message, retry_after)
+    assert any('"code":"queue_full"' in text.replace(" ", "") for _, text, _ in answers[1::3]), answers[1::3]

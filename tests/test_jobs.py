@@ -228,6 +228,11 @@ def test_webhooks_are_signed_and_retried(server, receiver):
     completed = json.loads(calls[-1][1])["job"]
     assert completed["id"] == job["id"] and completed["status"] == "succeeded"
     assert httpx.get(completed["result"]["url"]).content[:4] == b"\x89PNG"
+    later = httpx.get(f"{url}/v1/jobs/{job['id']}").json()  # the job as a client sees it, after the webhook
+    assert (
+        completed["urls"] == later["urls"] == {"get": f"/v1/jobs/{job['id']}", "cancel": f"/v1/jobs/{job['id']}/cancel"}
+    )
+    assert completed["updated"] == later["updated"], (completed, later)
 
 
 def test_jobs_over_grpc_and_the_python_client(server):

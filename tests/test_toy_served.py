@@ -62,6 +62,13 @@ def txt2img(url: str, **fields) -> Image.Image:
     return Image.open(io.BytesIO(response.content))
 
 
+def test_a_prompt_longer_than_the_toy_reads_is_refused_naming_the_toy(toy_server):
+    response = httpx.post(f"{toy_server}/txt2img", json={**SIZE, "prompt": "a small red circle " * 10}, timeout=60)
+    assert response.status_code == 400 and response.json()["detail"][0]["loc"] == ["prompt"], response.text
+    message = response.json()["error"]
+    assert "flux-toy-int8:" in message and "reads 40 T5 tokens" in message and "FLUX.1-dev" not in message, message
+
+
 def test_held_out_prompts_are_drawn_as_asked_over_http(toy_server):
     with ThreadPoolExecutor(4) as pool:
         images = list(pool.map(lambda i: txt2img(toy_server, prompt=SCENES[i].caption(), seed=i), range(len(SCENES))))

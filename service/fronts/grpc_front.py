@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from service.drain import DRAIN, Drain
 from service.fronts.auth import OPEN_GRPC_PREFIXES, GrpcBearerAuth
-from service.fronts.outcomes import grpc_code
+from service.fronts.outcomes import grpc_code, retry_headers
 from service.fronts.stubs import JOBS_SERVICE_NAME, SERVICE_NAME, messages, services
 from service.gateway import Gateway, Rejected
 from service.observe import REQUEST_ID_HEADER, logger, new_request_id, request_id
@@ -74,7 +74,11 @@ async def refuse(context, error: Rejected, rid: str) -> None:
     token = request_id.set(rid)
     logger.info("grpc refused (%s): %s", error.outcome, error.reason)
     request_id.reset(token)
-    await context.abort(grpc_code(error.outcome), error.reason)
+    await context.abort(grpc_code(error.outcome), error.reason, trailing_metadata(rid, error.outcome))
+
+
+def trailing_metadata(rid: str, outcome: str) -> tuple[tuple[str, str], ...]:
+    return ((REQUEST_ID_HEADER, rid), *retry_headers(outcome).items())
 
 
 class GrpcDrainGate(grpc.aio.ServerInterceptor):

@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse
 
 from service.drain import Drain
 from service.fronts.auth import OPEN_PATHS
-from service.fronts.outcomes import http_status
+from service.fronts.outcomes import http_status, retry_headers
 from service.observe import REQUEST_ID_HEADER, logger, new_request_id, request_id
 
 JSON_TYPES = ("application/json",)
@@ -25,7 +25,7 @@ def error_response(path: str, outcome: str, message: str, rid: str) -> JSONRespo
         body = {"error": {"message": message, "type": kind, "param": None, "code": outcome}}
     else:
         body = {"error": message, "outcome": outcome, "detail": [{"loc": [], "msg": message, "type": outcome}]}
-    headers = {REQUEST_ID_HEADER: rid, **({"retry-after": "1"} if outcome == "draining" else {})}
+    headers = {REQUEST_ID_HEADER: rid, **retry_headers(outcome)}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -33,9 +33,8 @@ def wait_seconds(prefer: str | None) -> float:
 
 async def answer(jobs: JobEngine, job: Job) -> JSONResponse:
     """200 with a finished job, 202 with one still queued or running."""
-    path = f"/v1/jobs/{job.id}"
-    body = await jobs.view(job) | {"urls": {"get": path, "cancel": f"{path}/cancel"}}
-    return JSONResponse(body, status_code=200 if job.finished else 202, headers={"location": path})
+    body = await jobs.view(job)
+    return JSONResponse(body, status_code=200 if job.finished else 202, headers={"location": body["urls"]["get"]})
 
 
 @router.post("", status_code=202, summary="Queue a txt2img request; the result lands in object storage")

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
-from service.fronts.outcomes import http_status
+from service.fronts.outcomes import http_status, retry_headers
 from service.gateway import Gateway, Rejected
 from service.jobs.results import ResultStore
 from service.observe import REQUEST_ID_HEADER, new_request_id
@@ -72,7 +72,8 @@ class OpenAIError(Exception):
     def response(self, rid: str = "") -> JSONResponse:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers={REQUEST_ID_HEADER: rid} if rid else None)
+        headers = {**({REQUEST_ID_HEADER: rid} if rid else {}), **retry_headers(self.code)}
+        return JSONResponse(body, status_code=self.status, headers=headers)
 
 
 def param_of(field: str | None) -> str | None:

@@ -4,6 +4,7 @@ from http import HTTPStatus
 
 import grpc
 
+from service.gateway import RETRY_AFTER_S
 from service.runtime.result import Status
 
 # outcome -> (HTTP status, gRPC code). 499 is nginx's "client closed request": nobody reads it, logs do.
@@ -26,6 +27,11 @@ OUTCOMES: dict[str, tuple[int, grpc.StatusCode]] = {
     "already_completed": (HTTPStatus.CONFLICT, grpc.StatusCode.FAILED_PRECONDITION),  # cancel of a finished job
     "unavailable": (HTTPStatus.SERVICE_UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),  # the job queue is unreachable
 }
+
+
+def retry_headers(outcome: str) -> dict[str, str]:
+    """`Retry-After` on HTTP (our routes and /v1), `retry-after` trailing metadata on gRPC."""
+    return {"retry-after": str(RETRY_AFTER_S[outcome])} if outcome in RETRY_AFTER_S else {}
 
 
 def http_status(outcome: str) -> int:

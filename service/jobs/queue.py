@@ -40,6 +40,10 @@ return status
 """
 
 
+def as_strings(fields: dict) -> dict[str, str]:
+    return {name: str(int(value) if isinstance(value, bool) else value) for name, value in fields.items()}
+
+
 class QueueDown(Exception):
     """Redis did not answer."""
 
@@ -158,8 +162,12 @@ class JobQueue:
         return JobStatus(status) if status else None
 
     async def update(self, job_id: str, **fields) -> None:
-        values = {name: str(int(value) if isinstance(value, bool) else value) for name, value in fields.items()}
-        await self.call(self.redis.hset(self.key(job_id), mapping={**values, "updated": time.time()}))
+        """Change the job (its `updated` time with it)."""
+        await self.call(self.redis.hset(self.key(job_id), mapping={**as_strings(fields), "updated": time.time()}))
+
+    async def note(self, job_id: str, **fields) -> None:
+        """Record bookkeeping that is no change of the job (its `updated` time stays): e.g. webhook sent."""
+        await self.call(self.redis.hset(self.key(job_id), mapping=as_strings(fields)))
 
     async def finish(self, job_id: str, status: JobStatus, **fields) -> None:
         """The job's final state; its record expires after the retention."""

@@ -32,7 +32,7 @@ class ResultStore:
 
 
 async def job_view(job: Job, store: ResultStore) -> dict:
-    """What clients and webhooks see of a job, with a fresh presigned URL for its result."""
+    """What clients and webhooks see of a job, with a fresh presigned URL for its result and the job's own URLs."""
     result = None
     if job.result_key:
         url, expires_at = await store.presigned(job.result_key)
@@ -47,4 +47,5 @@ async def job_view(job: Job, store: ResultStore) -> dict:
         "result": result,
         "error": error,
         "webhook": job.webhook or None,
+        "urls": {"get": f"/v1/jobs/{job.id}", "cancel": f"/v1/jobs/{job.id}/cancel"},
     }

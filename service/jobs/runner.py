@@ -189,4 +189,4 @@ class JobRunner:
         job = await self._retrying(self.queue.get, job_id)
         if job is not None and job.finished and job.webhook and not job.webhook_sent:
             await self._send(job, "completed")
-            await self._retrying(self.queue.update, job_id, webhook_sent=True)
+            await self._retrying(self.queue.note, job_id, webhook_sent=True)
