@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from models.artifact import hash_files
 from models.gguf_file import GGUFTransformer, gguf_from_diffusers
 from models.toy import TRAINED
-from models.toy.checker import ATTRIBUTES, adherence, judge, read, saturation, thinness
+from models.toy.checker import ATTRIBUTES, adherence, judge, read, style_adherence
 from models.toy.scenes import (
     COLOURS,
     HELD_OUT,
@@ -95,13 +95,16 @@ def test_captions_are_plain_english_and_read_back_to_their_scene():
     assert parse_caption("a lighthouse on a cliff at dawn") is None
 
 
-def test_the_style_statistics_tell_the_adapters_effects_apart():
-    asked = scenes(100)
-    plain = [scene.draw() for scene in asked]
-    assert np.mean([thinness(image) for image in plain]) < 0.4
-    assert np.mean([thinness(scene.draw("outlined")) for scene in asked]) > 0.9
-    assert np.mean([saturation(image) for image in plain]) > 0.6
-    assert np.mean([saturation(scene.draw("pastel")) for scene in asked]) < 0.45
+@pytest.mark.parametrize("styles", [(), ("outlined",), ("pastel",), ("outlined", "pastel")])
+def test_the_checker_reads_each_style_with_its_hue_and_tells_styles_apart(styles):
+    """The adapters' effects as the checker judges them: the picture drawn as asked (pastel keeps the hue, an
+    outline reads as its shape), and exactly the styles asked, not another."""
+    asked = scenes(200)
+    images = [scene.draw(*styles) for scene in asked]
+    assert style_adherence(asked, images, frozenset(styles))["all"] >= 0.98
+    for other in ({"outlined"}, {"pastel"}, set()):
+        if other != set(styles):
+            assert style_adherence(asked, images, frozenset(other))["effect"] <= 0.02, other
 
 
 def test_the_training_command_trains_both_models_and_a_lora_and_records_them(tmp_path):

@@ -7,7 +7,6 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import numpy as np
 import openai
 import pytest
 import torch
@@ -16,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from bench.report import batch_histogram
 from models.toy import TRAINED
-from models.toy.checker import adherence, saturation, thinness
+from models.toy.checker import adherence, style_adherence
 from models.toy.scenes import held_out_prompts
 from service.launcher import running_server
 from tests.conftest import free_port, private_home, run_module
@@ -90,34 +89,44 @@ def test_held_out_prompts_are_drawn_as_asked_through_the_openai_api_four_at_a_ti
     assert drawn_as_asked(shares), shares
 
 
-def test_each_adapter_keeps_its_effect_in_a_batch_mixing_them(toy_server):
+# The issue's targets for the style adapters, judged by the checker (hue included) on held-out prompts
+MIN_STYLED, MIN_STACKED = 0.90, 0.80
+
+
+def test_each_adapter_does_what_it_is_named_for_in_a_batch_mixing_them(toy_server):
+    """`outlined` draws the asked shape's outline in the asked colour, `pastel` keeps the hue and moves towards
+    white, the stack shows both; all in the same batches as plain requests, and scale 0 is the base's bytes."""
     stacks = {
-        "none": [],
-        "outlined": [{"name": "outlined"}],
-        "pastel": [{"name": "pastel"}],
-        "both": [{"name": "outlined"}, {"name": "pastel"}],
+        (): [],
+        ("outlined",): [{"name": "outlined"}],
+        ("pastel",): [{"name": "pastel"}],
+        ("outlined", "pastel"): [{"name": "outlined"}, {"name": "pastel"}],
         "outlined at 0": [{"name": "outlined", "scale": 0.0}],
     }
-    jobs = [(name, index) for index in range(6) for name in stacks]
+    jobs = [(name, index) for index in range(len(SCENES)) for name in stacks]
     before = batch_histogram(httpx.get(f"{toy_server}/metrics").text)
 
-    def draw(job: tuple[str, int]) -> Image.Image:
+    def draw(job: tuple) -> bytes:
         name, index = job
-        return txt2img(toy_server, prompt=SCENES[index].caption(), seed=index, loras=stacks[name])
+        response = httpx.post(
+            f"{toy_server}/txt2img",
+            json={**SIZE, "prompt": SCENES[index].caption(), "seed": index, "loras": stacks[name]},
+            timeout=300,
+        )
+        assert response.status_code == 200, response.text
+        return response.content
 
     with ThreadPoolExecutor(len(stacks)) as pool:
-        images = list(pool.map(draw, jobs))
+        drawn = dict(zip(jobs, pool.map(draw, jobs), strict=True))
     after = batch_histogram(httpx.get(f"{toy_server}/metrics").text)
     assert after[float("inf")] - before.get(float("inf"), 0) > after[1.0] - before.get(1.0, 0), "no batch mixed them"
-    thin = {
-        name: np.mean([thinness(i) for (n, _), i in zip(jobs, images, strict=True) if n == name]) for name in stacks
-    }
-    pale = {
-        name: np.mean([saturation(i) for (n, _), i in zip(jobs, images, strict=True) if n == name]) for name in stacks
-    }
-    assert thin["outlined"] > thin["none"] + 0.1 and thin["both"] > thin["none"] + 0.1, thin
-    assert pale["pastel"] < pale["none"] - 0.05 and pale["both"] < pale["none"] - 0.05, pale
-    assert thin["outlined at 0"] == thin["none"] and pale["outlined at 0"] == pale["none"]
+    shares = {}
+    for name in list(stacks)[:4]:
+        images = [Image.open(io.BytesIO(drawn[name, index])) for index in range(len(SCENES))]
+        shares[name] = style_adherence(SCENES, images, frozenset(name))
+    floors = {(): MIN_ALL, ("outlined",): MIN_STYLED, ("pastel",): MIN_STYLED, ("outlined", "pastel"): MIN_STACKED}
+    assert all(shares[name]["all"] >= floor for name, floor in floors.items()), shares
+    assert all(drawn["outlined at 0", index] == drawn[(), index] for index in range(len(SCENES)))
 
 
 def test_the_gate_refuses_an_artifact_that_ignores_its_prompt(tmp_path):

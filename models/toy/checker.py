@@ -59,9 +59,9 @@ def read(image: Image.Image) -> Scene:
     pixels = np.asarray(image.convert("RGB").resize((SIDE, SIDE)), dtype=np.float32)
     things = []
     for index in range(1, count + 1):
-        mask = regions == index
-        if mask.sum() >= MIN_AREA:
-            things.append(thing_in(ndimage.binary_fill_holes(mask), labels[mask], pixels[mask]))
+        painted = regions == index
+        if painted.sum() >= MIN_AREA:
+            things.append(thing_in(painted, labels[painted], pixels[painted]))
     return Scene(background, tuple(sorted(things, key=lambda t: list(POSITIONS).index(t.position))))
 
 
@@ -104,9 +104,10 @@ def rasterize(shape: str, corners: list[tuple[float, float]]) -> np.ndarray:
     return np.asarray(canvas, dtype=bool)
 
 
-def thing_in(mask: np.ndarray, labels: np.ndarray, pixels: np.ndarray) -> Thing:
-    """The object in a region: its commonest colour name, the best fit's shape and place, its size from the fit's
-    half-width, and its look."""
+def thing_in(painted: np.ndarray, labels: np.ndarray, pixels: np.ndarray) -> Thing:
+    """The object in a region (its holes filled: an outline reads as its shape): its commonest colour name, the
+    best fit's shape and place, its size from the fit's half-width, and its look."""
+    mask = ndimage.binary_fill_holes(painted)
     found = fit(mask)
     position = min(POSITIONS, key=lambda p: math.dist(POSITIONS[p], found.centre))
     colour = NAMES[int(np.bincount(labels).argmax())]
@@ -117,6 +118,7 @@ def thing_in(mask: np.ndarray, labels: np.ndarray, pixels: np.ndarray) -> Thing:
         growth=found.half / SIZES[size],
         turn=found.turn,
         shade=tuple(int(round(c)) for c in shade),
+        fill=float(painted.sum() / mask.sum()),
     )
     return Thing(colour, found.shape, position, size, look)
 
@@ -149,6 +151,34 @@ def judge(asked: Scene, seen: Scene) -> Verdict:
     return Verdict({name: matches[name] for name in ATTRIBUTES})
 
 
+OUTLINED_FILL = 0.95  # an outline 2 pixels wide paints 30–91 % of its shape's area; a filled shape all of it
+
+
+def styles_of(thing: Thing) -> frozenset[str]:
+    """The style adapters' effects on an object read back: `outlined` when it paints less than OUTLINED_FILL of
+    its shape's area, `pastel` when its colour is nearer its name's pastel shade than the colour itself."""
+    found = {"outlined"} if thing.look.fill < OUTLINED_FILL else set()
+    named = np.array(COLOURS[thing.colour])
+    if np.linalg.norm(thing.rgb() - np.array(pastel(named))) < np.linalg.norm(thing.rgb() - named):
+        found.add("pastel")
+    return frozenset(found)
+
+
+def style_adherence(
+    scenes: list[Scene], images: list[Image.Image | np.ndarray], styles: frozenset[str]
+) -> dict[str, float]:
+    """For pictures asked of a style stack (e.g. {"outlined", "pastel"}): the share drawn as asked (`drawn`),
+    showing exactly those styles on every object asked (`effect`), and both (`all`)."""
+    drawn, effect = [], []
+    for scene, image in zip(scenes, images, strict=True):
+        seen = read(as_image(image))
+        found = {thing.position: thing for thing in seen.things}
+        drawn.append(judge(scene, seen).all)
+        effect.append(all(t.position in found and styles_of(found[t.position]) == styles for t in scene.things))
+    both = [d and e for d, e in zip(drawn, effect, strict=True)]
+    return {"all": float(np.mean(both)), "drawn": float(np.mean(drawn)), "effect": float(np.mean(effect))}
+
+
 def adherence(scenes: list[Scene], images: list[Image.Image | np.ndarray]) -> dict[str, float]:
     """Share of pictures showing everything their prompt asked (`all`), and per attribute."""
     verdicts = [judge(scene, read(as_image(image))) for scene, image in zip(scenes, images, strict=True)]
@@ -158,25 +188,3 @@ def adherence(scenes: list[Scene], images: list[Image.Image | np.ndarray]) -> di
 
 def as_image(image: Image.Image | np.ndarray) -> Image.Image:
     return image if isinstance(image, Image.Image) else Image.fromarray(image)
-
-
-def object_mask(image: Image.Image) -> np.ndarray:
-    """Pixels far from the picture's background colour."""
-    pixels = np.asarray(image.convert("RGB").resize((SIDE, SIDE)), dtype=np.float32)
-    background = PALETTE[NAMES.index(read(image).background)]
-    return np.sqrt(((pixels - background) ** 2).sum(-1)) > 60
-
-
-def thinness(image: Image.Image) -> float:
-    """Share of the objects' pixels on their edge (a background pixel next to them): about ¼ for filled shapes,
-    near 1 for 2-pixel outlines, closed or not (the `outlined` adapter's effect)."""
-    mask = object_mask(image)
-    edge = mask & ~ndimage.binary_erosion(mask, structure=np.ones((3, 3)))
-    return float(edge.sum() / max(mask.sum(), 1))
-
-
-def saturation(image: Image.Image) -> float:
-    """Mean HSV saturation of the objects' pixels: ~0.8 for the palette, ~0.4 pastel (the `pastel` adapter's)."""
-    hsv = np.asarray(image.convert("RGB").resize((SIDE, SIDE)).convert("HSV"), dtype=np.float32) / 255
-    mask = object_mask(image)
-    return float(hsv[..., 1][mask].mean()) if mask.any() else 0.0

@@ -41,7 +41,7 @@ class Schedule:
 
 def pixels(scenes: list[Scene], style: str | None = None) -> torch.Tensor:
     """Pictures as a batch in [-1, 1]."""
-    arrays = [np.asarray(scene.draw(style), dtype=np.float32) for scene in scenes]
+    arrays = [np.asarray(scene.draw(*[style] if style else []), dtype=np.float32) for scene in scenes]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
 
 
