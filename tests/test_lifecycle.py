@@ -203,6 +203,27 @@ def test_the_body_is_the_workers_bytes_unchanged(server, tiny_int8_tag):
         assert Image.open(io.BytesIO(response.content)).format == image_format.upper()
 
 
+def test_requests_sent_together_give_each_its_solo_bytes_when_served(server):
+    """The batch promise over HTTP, as deployed (eager, and with FLUX_COMPILE=blocks and step caching: compiled
+    code kept it in-process and broke it served, until the warm-up covered every batch size)."""
+    url = server[0]
+    asked = [dict(prompt=f"a fox {i}", seed=i, cache=cache, **SMALL) for i, cache in enumerate(CACHES * 2)]
+    alone = [post(url, **fields).content for fields in asked]
+    before = metric(url, "bentoml_service_adaptive_batch_size_count") - metric(
+        url, "bentoml_service_adaptive_batch_size_bucket", le="1.0"
+    )
+    with ThreadPoolExecutor(len(asked)) as pool:
+        together = [response.content for response in pool.map(lambda fields: post(url, **fields), asked)]
+    batched = metric(url, "bentoml_service_adaptive_batch_size_count") - metric(
+        url, "bentoml_service_adaptive_batch_size_bucket", le="1.0"
+    )
+    assert batched > before, "no two requests shared a batch"
+    assert together == alone
+
+
+CACHES = ("off", "balanced", "fast")
+
+
 @pytest.mark.parametrize("poisoned", ["transformer", "vae"])
 def test_inf_or_nan_gives_a_typed_failure_not_a_black_image(tiny_int8_tag, poisoned):
     """An overflow (what fp16 does to T5 or the VAE on cards without bf16) poisons the latents or the decoded

@@ -223,7 +223,12 @@ def write_record(out: Path, record: dict) -> None:
     (out / "training.json").write_text(json.dumps(record, indent=2))
 
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_mlp"]
+# Attention and MLP projections of every block, and the output projections (single blocks' and the last):
+# colour and fill are decided late in the network.
+LORA_TARGETS = [
+    *("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+    *("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"),
+]
 
 
 def train_lora(folder: Path, style: str, seed: int, schedule: Schedule, argv: list[str]) -> dict:

@@ -17,7 +17,7 @@ from service.jobs.webhooks import Webhooks
 from service.schema import Refused, WorkItem
 from service.settings import Settings
 
-WATCH_POLL_S = 0.05  # a look at a job record costs Redis microseconds; waiting callers see the end soon
+WATCH_POLL_S = 0.05  # how often a watcher looks at a job another replica runs (this replica's wake it at once)
 
 
 class JobEngine:
@@ -32,7 +32,8 @@ class JobEngine:
             settings.webhook_hosts, settings.webhook_secret, settings.webhook_attempts, settings.webhook_backoff_s
         )
         self.gateway = gateway
-        self.runner = JobRunner(self.queue, self.results, self.webhooks, gateway, settings)
+        self.watchers: dict[str, set[asyncio.Event]] = {}  # job id -> an event per watcher on this replica
+        self.runner = JobRunner(self.queue, self.results, self.webhooks, gateway, settings, self.changed)
 
     def start(self) -> None:
         """Pull jobs once the worker serves."""
@@ -87,17 +88,30 @@ class JobEngine:
             raise Rejected("already_completed", f"job {job_id} already completed: {job.status}")
         return job
 
+    def changed(self, job_id: str) -> None:
+        """This replica changed the job's record: its watchers here look at once, not at their next poll."""
+        for event in self.watchers.get(job_id, ()):
+            event.set()
+
     async def watch(self, job_id: str) -> AsyncIterator[Job]:
         """The job each time its status or step changes, until it is finished."""
-        seen = None
-        while True:
-            job = await self.get(job_id)
-            if (job.status, job.step) != seen:
-                seen = (job.status, job.step)
-                yield job
-            if job.finished:
-                return
-            await asyncio.sleep(WATCH_POLL_S)
+        seen, event = None, asyncio.Event()
+        self.watchers.setdefault(job_id, set()).add(event)
+        try:
+            while True:
+                job = await self.get(job_id)
+                if (job.status, job.step) != seen:
+                    seen = (job.status, job.step)
+                    yield job
+                if job.finished:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), WATCH_POLL_S)
+                event.clear()
+        finally:
+            self.watchers[job_id].discard(event)
+            if not self.watchers[job_id]:
+                del self.watchers[job_id]
 
     async def wait(self, job_id: str, timeout_s: float) -> Job:
         """The job once finished, or as it is when `timeout_s` has passed."""

@@ -4,6 +4,7 @@ they share batches with direct requests), stores each result, then finishes the 
 import asyncio
 import json
 import time
+from collections.abc import Callable
 
 from service.gateway import Gateway, Rejected
 from service.jobs.queue import Delivery, JobQueue, QueueDown
@@ -22,9 +23,17 @@ RETRY_S = 1.0  # wait between attempts while Redis is unreachable
 
 class JobRunner:
     def __init__(
-        self, queue: JobQueue, results: ResultStore, webhooks: Webhooks, gateway: Gateway, settings: Settings
+        self,
+        queue: JobQueue,
+        results: ResultStore,
+        webhooks: Webhooks,
+        gateway: Gateway,
+        settings: Settings,
+        changed: Callable[[str], None],
     ) -> None:
+        """`changed(job_id)` is told each time this replica changes a job's record."""
         self.queue, self.results, self.webhooks, self.gateway = queue, results, webhooks, gateway
+        self.changed = changed
         self.slots, self.heartbeat_s = settings.jobs_in_flight, settings.jobs_heartbeat_s
         self.max_deliveries = settings.jobs_max_deliveries
         self.rendering: set[str] = set()  # entries whose job holds a slot
@@ -104,6 +113,7 @@ class JobRunner:
                 started = asyncio.ensure_future(self._send(job, "started"))  # retries must not hold the render
                 status, fields = await self._render(job)
                 await self._retrying(self.queue.finish, job.id, status, **fields)
+                self.changed(job.id)
                 JOBS_FINISHED.labels(status=status.value).inc()
                 logger.info("job %s", status)
                 self.rendering.discard(delivery.entry)
@@ -175,6 +185,7 @@ class JobRunner:
                 if (now := await self.gateway.progress(job.id)) > step:
                     step = now
                     await self.queue.update(job.id, step=step)
+                    self.changed(job.id)
             except QueueDown:
                 pass  # progress is best effort; the render goes on while Redis is away
         return False
