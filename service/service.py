@@ -199,9 +199,9 @@ class FluxWorker:
         )
 
     def _compile(self, warm_up: WorkItem) -> float:
-        """FLUX_COMPILE=blocks: compile the repeated blocks, warmed up alone and in pairs (the compiled code is
-        specialized for one image, general for more); the seconds it added to the start."""
-        seconds = self.renderer.compile_blocks([[warm_up], [warm_up, warm_up.model_copy(update={"seed": 1})]])
+        """FLUX_COMPILE=blocks: compile the repeated blocks, warmed up once (one row runs as two: every batch
+        runs the same code); the seconds it added to the start."""
+        seconds = self.renderer.compile_blocks([[warm_up]])
         logger.info("compiled the transformer's blocks in %.1f s", seconds)
         return seconds
 

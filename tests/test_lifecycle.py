@@ -205,7 +205,7 @@ def test_the_body_is_the_workers_bytes_unchanged(server, tiny_int8_tag):
 
 def test_requests_sent_together_give_each_its_solo_bytes_when_served(server):
     """The batch promise over HTTP, as deployed (eager, and with FLUX_COMPILE=blocks and step caching: compiled
-    code kept it in-process and broke it served, until the warm-up covered every batch size)."""
+    code specialized for one row rounded differently from its code for more, until one row ran as two)."""
     url = server[0]
     asked = [dict(prompt=f"a fox {i}", seed=i, cache=cache, **SMALL) for i, cache in enumerate(CACHES * 2)]
     alone = [post(url, **fields).content for fields in asked]

@@ -31,7 +31,7 @@ IMAGE_TOKENS = (LATENT_SIDE // 2) ** 2  # 2×2 patches
 class Schedule:
     vae_steps: int = 3600
     vae_batch: int = 8
-    steps: int = 8000
+    steps: int = 12000
     batch: int = 32
     scenes: int = 30000  # pictures encoded once for the transformer's training
     lr: float = 5e-4
@@ -52,15 +52,18 @@ def object_weight(images: torch.Tensor, weight: float = 8.0) -> torch.Tensor:
     return torch.where(background, 1.0, weight)
 
 
+TIGHT = 0.1  # weight of the posterior's variance in the VAE's loss
+
+
 def cosine(step: int, total: int, warmup: int = 100) -> float:
     return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
 def train_vae(pipe: FluxPipeline, schedule: Schedule, rng: random.Random, losses: list[float]) -> dict[str, float]:
-    """Reconstruction (L1, objects weighted) of a sample of the posterior, with a light KL term, on fresh pictures
-    every step: decoding samples makes the encoder keep its posterior tight, as FLUX.1's VAE is, so that
-    diffusers' pipelines, which encode by sampling, get the picture back. Then the latents' scale; returns
-    `posterior`'s figures."""
+    """Reconstruction (L1, objects weighted) of the posterior's mean, on fresh pictures every step, and its
+    variance pressed down (`TIGHT`) so that the posterior is tight, as FLUX.1's VAE's is: diffusers' pipelines,
+    which encode by sampling it, get the picture back. Then the latents' scale; returns the posterior's
+    figures."""
     vae = pipe.vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(rng.randrange(2**31))
@@ -71,8 +74,8 @@ def train_vae(pipe: FluxPipeline, schedule: Schedule, rng: random.Random, losses
                 group["lr"] = 2e-3 * cosine(step, schedule.vae_steps)
             images = pixels([sample_scene(rng) for _ in range(schedule.vae_batch)])
             posterior = vae.encode(images).latent_dist
-            error = (vae.decode(posterior.sample(generator)).sample - images).abs()
-            loss = (error * object_weight(images)).mean() + 1e-6 * posterior.kl().mean()
+            error = (vae.decode(posterior.mode()).sample - images).abs()
+            loss = (error * object_weight(images)).mean() + TIGHT * posterior.var.mean()
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -117,14 +120,17 @@ def encode(pipe: FluxPipeline, scenes: list[Scene], style: str | None = None) ->
 
 
 def flow_loss(transformer, data: dict[str, torch.Tensor], index: torch.Tensor, generator: torch.Generator):
-    """FLUX's rectified flow: the transformer predicts noise − data at a point between them, at the schedule's
-    shifted timesteps (logit-normal, shifted as the pipeline shifts 16 image tokens)."""
+    """FLUX's rectified flow: the transformer predicts noise − data at a point between them. Half the batch at
+    the schedule's shifted timesteps (logit-normal, shifted as the pipeline shifts its image tokens), half
+    uniform: a caption has many pictures, and their edges form at low noise, which the shifted ones rarely
+    reach."""
     latents = data["latents"][index]
     batch = len(index)
     noise = torch.randn(latents.shape, generator=generator)
     sigma = torch.sigmoid(torch.randn(batch, generator=generator))
     mu = math.exp(shift_mu())
     sigma = mu / (mu + (1 / sigma - 1))
+    sigma = torch.where(torch.arange(batch) % 2 == 0, sigma, torch.rand(batch, generator=generator))
     noisy = (1 - sigma[:, None, None]) * latents + sigma[:, None, None] * noise
     prediction = transformer(
         hidden_states=noisy,

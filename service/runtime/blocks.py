@@ -8,8 +8,9 @@ row's pixels so depend on its own request only: the same bytes alone or in any b
 diffusers' hook registry, as its first-block cache does; the decisions and the cached residuals are per row.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -135,6 +136,22 @@ def step_cache(transformer: torch.nn.Module, policies: list[CachePolicy], rows: 
 
 def compile_blocks(transformer: torch.nn.Module) -> None:
     """`torch.compile` of each repeated block's forward (regional compilation), shapes dynamic: the step cache
-    runs them for any number of rows. The step cache's hooks stay outside the compiled code."""
+    runs them for any number of rows. The step cache's hooks stay outside the compiled code.
+
+    torch.compile specializes a batch of one (its code for one row rounds differently from its code for any
+    other number: an image alone and in a batch would differ), so one row runs as two (`never_alone`)."""
     for block in transformer_blocks(transformer):
-        block.forward = torch.compile(block.forward, dynamic=True)
+        block.forward = partial(never_alone, torch.compile(block.forward, dynamic=True))
+
+
+BATCHED = ("hidden_states", "encoder_hidden_states", "temb")  # a block's inputs with a batch dimension
+
+
+def never_alone(forward: Callable, **inputs):
+    """`forward` on a batch of one row as on two (the row twice), so it runs the code every batch runs; the
+    first row's outputs."""
+    if len(inputs["hidden_states"]) > 1:
+        return forward(**inputs)
+    doubled = {name: torch.cat([value, value]) if name in BATCHED else value for name, value in inputs.items()}
+    outputs = forward(**doubled)
+    return tuple(output[:1] for output in outputs) if isinstance(outputs, tuple) else outputs[:1]
