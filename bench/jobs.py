@@ -3,6 +3,8 @@
 A job's latency runs from submit (`Prefer: wait=60`) to the result's bytes fetched from its presigned URL.
 """
 
+import statistics
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -25,33 +27,55 @@ def local_backends(stack: ExitStack, folder: Path) -> dict[str, str]:
     return {**aws, "FLUX_JOBS_REDIS_URL": queue.url, "FLUX_RESULTS_URL": RESULTS_URL}
 
 
-def jobs_caller(url: str):
+def jobs_caller(url: str, hops: list[dict[str, float]] | None = None):
+    """Submit with `Prefer: wait=60`, then fetch the result's bytes; each succeeded job's hops (its record's
+    `timings_ms`, and `total`: the whole call) are appended to `hops`."""
     client = httpx.Client(base_url=url, timeout=CALL_TIMEOUT_S)
 
     def call(request: GenerationRequest) -> str:
+        started = time.perf_counter()
         try:
             answer = client.post("/v1/jobs", json=request.model_dump(mode="json"), headers={"prefer": "wait=60"})
             if answer.status_code != 200 or answer.json()["status"] != "succeeded":
                 job = answer.json()
                 return f"{answer.status_code} {job.get('status', '')} {(job.get('error') or {}).get('message', '')}"
-            return str(httpx.get(answer.json()["result"]["url"], timeout=CALL_TIMEOUT_S).status_code)
+            status = str(httpx.get(answer.json()["result"]["url"], timeout=CALL_TIMEOUT_S).status_code)
+            if hops is not None:
+                hops.append({**answer.json()["timings_ms"], "total": 1000 * (time.perf_counter() - started)})
+            return status
         except httpx.TransportError as error:
             return type(error).__name__
 
     return call
 
 
+def hop_means(hops: list[dict[str, float]]) -> dict[str, float]:
+    """Mean milliseconds per hop; `outside`: the call's time outside the worker's queue, render and store
+    (submit, the waiter's wake-up, the answer, the result's fetch from storage)."""
+    means = {name: statistics.fmean(hop[name] for hop in hops) for name in ("queued", "render", "store", "total")}
+    return {**means, "outside": means["total"] - means["queued"] - means["render"] - means["store"]}
+
+
 def jobs_vs_sync(url: str, size: int, steps: int, requests: int, concurrency: int, gpu_usd_per_hour: float) -> dict:
     shape = {"width": size, "height": size, "steps": steps}
     run_level(jobs_caller(url), request_stream([shape], concurrency * 2, seed0=5_000), concurrency)  # warm-up
-    levels = {}
-    for path, caller in (("sync", http_caller(url)), ("jobs", jobs_caller(url))):
+    levels, hops = {}, []
+    for path, caller in (("sync", http_caller(url)), ("jobs", jobs_caller(url, hops))):
         before = batch_histogram(httpx.get(f"{url}/metrics").text)
         wall, latencies, statuses = run_level(caller, request_stream([shape], requests, seed0=6_000), concurrency)
         batches = batches_between(before, batch_histogram(httpx.get(f"{url}/metrics").text))
         levels[path] = LevelResult(path, concurrency, wall, latencies, statuses, batches).summary(gpu_usd_per_hour)
     ratios = {f"{stat}_ratio": levels["jobs"][stat] / levels["sync"][stat] for stat in ("p50_s", "p95_s")}
-    return {**shape, "requests": requests, "concurrency": concurrency, **levels, **ratios}
+    overhead_ms = 1000 * (levels["jobs"]["p50_s"] - levels["sync"]["p50_s"])
+    return {
+        **shape,
+        "requests": requests,
+        "concurrency": concurrency,
+        **levels,
+        **ratios,
+        "hops_ms": hop_means(hops),
+        "overhead_p50_ms": overhead_ms,
+    }
 
 
 def print_jobs(report: dict) -> None:
@@ -63,5 +87,7 @@ def print_jobs(report: dict) -> None:
         )
     print(
         f"jobs/sync at {report['width']}x{report['height']}, {report['steps']} steps, concurrency "
-        f"{report['concurrency']}: p50 {report['p50_s_ratio']:.3f}x, p95 {report['p95_s_ratio']:.3f}x"
+        f"{report['concurrency']}: p50 {report['p50_s_ratio']:.3f}x, p95 {report['p95_s_ratio']:.3f}x, "
+        f"{report['overhead_p50_ms']:.0f} ms more at p50"
     )
+    print("job hops (mean ms): " + ", ".join(f"{name} {ms:.1f}" for name, ms in report["hops_ms"].items()))

@@ -53,6 +53,7 @@ class Job(BaseModel):
     error: str = ""
     result_key: str = ""  # the result object in the results store
     media_type: str = ""
+    timings_ms: dict[str, float] = {}  # where a finished job's time went: queued, render, store
 
     @property
     def finished(self) -> bool:
@@ -71,7 +72,7 @@ class Job(BaseModel):
     @classmethod
     def from_hash(cls, fields: dict[str, str]) -> "Job":
         values = {
-            name: json.loads(value) if name in ("request", "webhook_events") else value
+            name: json.loads(value) if name in ("request", "webhook_events", "timings_ms") else value
             for name, value in fields.items()
         }
         values |= {name: values.get(name) == "1" for name in ("webhook_sent", "cancel_requested")}

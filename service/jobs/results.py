@@ -47,5 +47,6 @@ async def job_view(job: Job, store: ResultStore) -> dict:
         "result": result,
         "error": error,
         "webhook": job.webhook or None,
+        "timings_ms": job.timings_ms or None,
         "urls": {"get": f"/v1/jobs/{job.id}", "cancel": f"/v1/jobs/{job.id}/cancel"},
     }

@@ -108,10 +108,11 @@ class JobRunner:
         alive: a replica takes it over after the heartbeat timeout (the delivery cap bounds the retries)."""
         token = request_id.set(delivery.job_id)
         try:
+            picked = time.time()
             job = await self._job_to_run(delivery)
             if job is not None:
                 started = asyncio.ensure_future(self._send(job, "started"))  # retries must not hold the render
-                status, fields = await self._render(job)
+                status, fields = await self._render(job, queued_ms=1000 * (picked - job.created))
                 await self._retrying(self.queue.finish, job.id, status, **fields)
                 self.changed(job.id)
                 JOBS_FINISHED.labels(status=status.value).inc()
@@ -152,7 +153,18 @@ class JobRunner:
             return None
         return job
 
-    async def _render(self, job: Job) -> tuple[JobStatus, dict]:
+    async def _render(self, job: Job, queued_ms: float) -> tuple[JobStatus, dict]:
+        """The job's end and the record's fields, `timings_ms` (queued, render, store) among them."""
+        started = time.perf_counter()
+        status, fields = await self._render_only(job)
+        timings = {"queued": queued_ms, "render": 1000 * (time.perf_counter() - started)}
+        if status is JobStatus.succeeded:
+            started = time.perf_counter()
+            fields["result_key"] = await self.results.put(job.id, fields.pop("image"), fields["media_type"])
+            timings["store"] = 1000 * (time.perf_counter() - started)
+        return status, {**fields, "timings_ms": json.dumps(timings)}
+
+    async def _render_only(self, job: Job) -> tuple[JobStatus, dict]:
         item = WorkItem(**job.request.model_dump(), protocol="jobs", request_id=job.id, arrived=time.time())
         render = asyncio.ensure_future(self.gateway.render(item))
         cancelled = False
@@ -170,8 +182,7 @@ class JobRunner:
             return JobStatus.cancelled, {"outcome": result.status.value, "error": result.message}
         if not result.ok:
             return JobStatus.failed, {"outcome": result.status.value, "error": result.reason}
-        key = await self.results.put(job.id, result.image, result.media_type)
-        return JobStatus.succeeded, {"result_key": key, "media_type": result.media_type, "step": job.total}
+        return JobStatus.succeeded, {"image": result.image, "media_type": result.media_type, "step": job.total}
 
     async def _watch(self, job: Job, render: asyncio.Future) -> bool:
         """Report progress until the render ends; cancel it when asked (True)."""
