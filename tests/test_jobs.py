@@ -154,9 +154,12 @@ def test_a_jobs_result_is_the_synchronous_image(server):
     assert direct.status_code == 200 and stored == direct.content
 
 
-def test_prefer_wait_returns_the_finished_job(server):
+def test_prefer_wait_returns_the_finished_job_with_where_its_time_went(server):
     answer = submit(server[0], SMALL, prefer="wait=30")
     assert answer.status_code == 200 and answer.json()["status"] == "succeeded"
+    timings = answer.json()["timings_ms"]
+    assert set(timings) == {"queued", "render", "store"} and all(ms >= 0 for ms in timings.values()), timings
+    assert timings["render"] > 0 and timings["store"] > 0
 
 
 def test_bad_requests_are_refused_naming_the_field(server):
