@@ -89,6 +89,20 @@ class BatchSizes:
             handle.remove()
 
 
+def test_a_bf16_matmul_gives_each_row_the_same_bytes_in_any_batch():
+    """On CPUs with AMX, oneDNN's bf16 kernels change with the number of rows: importing `models` caps it.
+    (A single row takes a matrix-vector path of its own; a block's linears see batch × tokens rows.)"""
+    torch.manual_seed(0)
+    varied = []
+    for width, out in ((64, 256), (512, 1536), (3072, 3072)):
+        linear = torch.nn.Linear(width, out).to(torch.bfloat16)
+        for rows in (2, 17, 256):
+            x = torch.randn(8 * rows, width, dtype=torch.bfloat16)
+            full = linear(x)
+            varied += [(width, part) for part in (rows, 4 * rows) if not torch.equal(linear(x[:part]), full[:part])]
+    assert not varied, f"rows that changed with the batch (width, rows): {varied}"
+
+
 def test_a_batch_mixing_policies_and_stacks_gives_each_item_its_solo_bytes(toy_pipe, outlined):
     renderer = renderer_for(toy_pipe, outlined)
     counted = BatchSizes(toy_pipe)
