@@ -37,6 +37,11 @@ WORKER_REFUSALS = {
 }
 
 
+def over_in_flight(limit: int) -> str:
+    """The refusal of a call over a front's in-flight limit (HTTP 429, gRPC RESOURCE_EXHAUSTED)."""
+    return f"overloaded: over {limit} calls in flight; send it again in {RETRY_AFTER_S['overloaded']} s"
+
+
 class Rejected(Exception):
     """A request the front answers itself, with an outcome (service.fronts.outcomes maps it to each protocol)."""
 

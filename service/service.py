@@ -291,7 +291,7 @@ def http_answer(ctx: bentoml.Context, outcome: str, message: str, rid: str, fiel
 
 
 @bentoml.asgi_app(v1_app, path="/v1")
-@bentoml.service(traffic={"timeout": 900, "max_concurrency": SETTINGS.max_in_flight})
+@bentoml.service(traffic={"timeout": 900})  # the in-flight limit is HttpGate's: 429 with Retry-After
 class Flux:
     """POST /txt2img (JSON in, the worker's image bytes out), gRPC flux.v1.TextToImage, OpenAI's
     POST /v1/images/generations, and, with a Redis configured, jobs (/v1/jobs, gRPC flux.v1.Jobs)."""
@@ -351,5 +351,7 @@ class Flux:
 
 FluxWorker.models.extend(PACKED_LORAS)
 FluxWorker.add_asgi_middleware(CountInFlight, drain=DRAIN)
-Flux.add_asgi_middleware(HttpGate, drain=DRAIN, max_body_bytes=SETTINGS.max_body_kb * 1024)
+Flux.add_asgi_middleware(
+    HttpGate, drain=DRAIN, max_body_bytes=SETTINGS.max_body_kb * 1024, max_in_flight=SETTINGS.max_in_flight
+)
 Flux.add_asgi_middleware(BearerAuth, keys=API_KEYS)

@@ -148,8 +148,19 @@ def test_overload_is_resource_exhausted(slow_server):
     with pytest.raises(grpc.RpcError) as error:
         rpc.generate(GenerationRequest(prompt="one too many", **SMALL))
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    for worker in workers:
+    assert dict(error.value.trailing_metadata()).get("retry-after") == "1"
+    http_busy = [threading.Thread(target=httpx.post, args=(f"{url}/txt2img",), kwargs=BUSY_HTTP) for _ in range(2)]
+    for worker in http_busy:
+        worker.start()
+    time.sleep(1.0)
+    answer = httpx.post(f"{url}/txt2img", json={"prompt": "one too many", **SMALL}, timeout=60)
+    assert (answer.status_code, answer.headers.get("retry-after")) == (429, "1"), (answer.headers, answer.text)
+    assert answer.json()["outcome"] == "overloaded" and answer.headers["x-request-id"], answer.text
+    for worker in [*workers, *http_busy]:
         worker.join()
+
+
+BUSY_HTTP = dict(json={"prompt": "busy", "width": 1024, "height": 1024, "steps": 20}, timeout=300)
 
 
 def test_deadline_exceeded_and_the_abandoned_work_is_stopped(slow_server):

@@ -26,7 +26,11 @@ SMALL = dict(width=128, height=128, steps=2)
 def served(tiny_int8_tag, tmp_path_factory):
     """The server's URL and its log."""
     log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {"FLUX_ARTIFACT": tiny_int8_tag, "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}"}
+    env = {
+        "FLUX_ARTIFACT": tiny_int8_tag,
+        "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
+        "FLUX_MAX_RESOLUTION": "1024",  # a side beyond it is refused after validation, before defaults
+    }
     with running_server(free_port(), log, env=env) as url:
         yield url, log
 

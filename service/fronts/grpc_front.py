@@ -13,7 +13,7 @@ from service.drain import DRAIN, Drain
 from service.fronts.auth import OPEN_GRPC_PREFIXES, GrpcBearerAuth
 from service.fronts.outcomes import grpc_code, retry_headers
 from service.fronts.stubs import JOBS_SERVICE_NAME, SERVICE_NAME, messages, services
-from service.gateway import Gateway, Rejected
+from service.gateway import Gateway, Rejected, over_in_flight
 from service.observe import REQUEST_ID_HEADER, logger, new_request_id, request_id
 from service.runtime.result import Result
 from service.schema import GenerationRequest, ImageFormat, WorkItem, field_path
@@ -125,7 +125,7 @@ class TextToImage(services.TextToImageServicer):
         context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
         try:
             if self.in_flight >= self.max_in_flight:
-                raise Rejected("overloaded", f"over {self.max_in_flight} calls in flight")
+                raise Rejected("overloaded", over_in_flight(self.max_in_flight))
             return self.gateway.check([work_item(request, rid, context)])[0]
         except Rejected as error:
             await refuse(context, error, rid)

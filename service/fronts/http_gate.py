@@ -3,6 +3,8 @@
 - every call gets an `x-request-id` (the caller's, when sane), visible to the route and on the response;
 - every 4xx is logged with it, also those BentoML's own validation answers;
 - while the server drains, new calls get 503 (retryable) and probes and metrics still answer;
+- over `max_in_flight` calls at once, a new one gets 429 with `Retry-After` (BentoML's own limit answers
+  before any middleware of the service runs: no request id, no `Retry-After`);
 - a body over the limit is refused with 413 before it is read whole; a body that is not JSON with 415.
 """
 
@@ -11,6 +13,7 @@ from starlette.responses import JSONResponse
 from service.drain import Drain
 from service.fronts.auth import OPEN_PATHS
 from service.fronts.outcomes import http_status, retry_headers
+from service.gateway import over_in_flight
 from service.observe import REQUEST_ID_HEADER, logger, new_request_id, request_id
 
 JSON_TYPES = ("application/json",)
@@ -30,10 +33,12 @@ def error_response(path: str, outcome: str, message: str, rid: str) -> JSONRespo
 
 
 class HttpGate:
-    """ASGI middleware of the front; `max_body_bytes` bounds every request body."""
+    """ASGI middleware of the front; `max_body_bytes` bounds every request body, `max_in_flight` the calls
+    answered at once."""
 
-    def __init__(self, app, drain: Drain, max_body_bytes: int) -> None:
+    def __init__(self, app, drain: Drain, max_body_bytes: int, max_in_flight: int) -> None:
         self.app, self.drain, self.max_body_bytes = app, drain, max_body_bytes
+        self.max_in_flight, self.in_flight = max_in_flight, 0
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -48,7 +53,11 @@ class HttpGate:
                 body, refusal = await self._read_body(receive)
             if refusal is not None:
                 return await self._answer(scope, *refusal, rid, receive, send)
-            await self.app(scope, _replay(body, receive), _stamped(send, rid, scope))
+            self.in_flight += 1
+            try:
+                await self.app(scope, _replay(body, receive), _stamped(send, rid, scope))
+            finally:
+                self.in_flight -= 1
         finally:
             request_id.reset(token)
 
@@ -56,6 +65,8 @@ class HttpGate:
         """(outcome, message) for a call refused before its body is read."""
         if self.drain.draining:
             return "draining", "the server is shutting down: send the request again (another replica answers)"
+        if self.in_flight >= self.max_in_flight:
+            return "overloaded", over_in_flight(self.max_in_flight)
         if scope["method"] not in BODY_METHODS:
             return None
         length = headers.get(b"content-length", b"")
