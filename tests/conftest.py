@@ -1,11 +1,14 @@
 """Shared fixtures: a private BentoML home, the tiny FLUX checkpoint, and its quantized artifacts."""
 
 import atexit
+import contextlib
+import io
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 # Before anything imports bentoml: every test run gets its own model store.
@@ -38,6 +41,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def run_cli(main: Callable[[list[str]], int], *args: str) -> subprocess.CompletedProcess:
+    """A command's `main` called in this process, its output and exit status as `run_module` returns them:
+    for refusals that end before any work, an interpreter start and its imports (seconds each) saved."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def run_module(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -1,9 +1,10 @@
-"""`python -m quantize` as a user runs it."""
+"""`python -m quantize` as a user runs it (refusals that end before any work: its `main`, in this process)."""
 
 import bentoml
 import pytest
 
-from tests.conftest import run_module
+from quantize.__main__ import main as quantize_main
+from tests.conftest import run_cli, run_module
 
 
 def test_quantize_prints_size_table_then_tag(tiny_source):
@@ -42,19 +43,19 @@ def test_int8_and_int4_shrink_the_quantized_components(tiny_int8_tag, tiny_int4_
 
 def test_bad_source_fails_clearly_and_stores_nothing(tmp_path):
     before = {str(model.tag) for model in bentoml.models.list()}
-    result = run_module("quantize", str(tmp_path / "nowhere"), "--recipe", "int8")
+    result = run_cli(quantize_main, str(tmp_path / "nowhere"), "--recipe", "int8")
     assert result.returncode == 2
     assert "nowhere" in result.stderr and "Traceback" not in result.stderr
     assert {str(model.tag) for model in bentoml.models.list()} == before
 
 
 def test_unknown_recipe_is_refused(tiny_source):
-    result = run_module("quantize", str(tiny_source), "--recipe", "int3")
+    result = run_cli(quantize_main, str(tiny_source), "--recipe", "int3")
     assert result.returncode == 2 and "--recipe" in result.stderr
 
 
 def test_recipe_list_shows_flux_dev_bytes():
-    result = run_module("quantize", "--list-recipes")
+    result = run_cli(quantize_main, "--list-recipes")
     assert result.returncode == 0, result.stderr
     rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("│")}
     assert "11.90 GB" in rows["int8"] and "6.33 GB" in rows["int4"]  # 11.9 B parameters at 1 and ~0.53 bytes
@@ -63,7 +64,7 @@ def test_recipe_list_shows_flux_dev_bytes():
 
 
 def test_missing_source_is_a_usage_error():
-    result = run_module("quantize", "--recipe", "int8")
+    result = run_cli(quantize_main, "--recipe", "int8")
     assert result.returncode == 2 and "SOURCE and --recipe are required" in result.stderr
 
 
@@ -218,16 +219,16 @@ def test_per_component_choice_of_what_to_quantize_and_what_to_keep(tiny_source):
 
 @pytest.mark.slow  # over half a minute: `make test-all`
 def test_unknown_component_is_refused(tiny_source):
-    result = run_module("quantize", str(tiny_source), "--recipe", "int8", "--keep", "unet=conv_in")
+    result = run_cli(quantize_main, str(tiny_source), "--recipe", "int8", "--keep", "unet=conv_in")
     assert result.returncode == 2 and "unknown component(s) ['unet']" in result.stderr
-    result = run_module("quantize", str(tiny_source), "--recipe", "int8", "--keep", "transformer")
+    result = run_cli(quantize_main, str(tiny_source), "--recipe", "int8", "--keep", "transformer")
     assert result.returncode == 2 and "expected COMPONENT=PATTERN" in result.stderr
 
 
 def test_group_size_only_for_grouped_formats(tiny_source):
-    result = run_module("quantize", str(tiny_source), "--recipe", "int8", "--group-size", "64")
+    result = run_cli(quantize_main, str(tiny_source), "--recipe", "int8", "--group-size", "64")
     assert result.returncode == 2 and "has no groups" in result.stderr
-    result = run_module("quantize", str(tiny_source), "--recipe", "int4", "--group-size", "100")
+    result = run_cli(quantize_main, str(tiny_source), "--recipe", "int4", "--group-size", "100")
     assert result.returncode == 2 and "power of two" in result.stderr
 
 

@@ -18,7 +18,6 @@ from scipy import ndimage
 from models.toy.scenes import (
     BACKGROUNDS,
     COLOURS,
-    GROWTH,
     POSITIONS,
     SHAPES,
     SIDE,
@@ -35,12 +34,14 @@ PALETTE = np.array([*BACKGROUNDS.values(), *COLOURS.values(), *(pastel(c) for c 
 NAMES = [*BACKGROUNDS, *COLOURS, *COLOURS]
 NEUTRAL = len(BACKGROUNDS)  # labels below this are background colours
 MIN_AREA = 24  # pixels: smaller regions are smudges, not objects
-SIZE_SPLIT = math.sqrt(SIZES["small"] * (1 + GROWTH) * SIZES["large"] * (1 - GROWTH))  # between small's and large's
+# Half-widths: the midpoint of the two sizes, inside the gap between their ranges (small up to 7.5 px, large from
+# 9.8): a model's soft edges make what it draws look a little larger than it is.
+SIZE_SPLIT = (SIZES["small"] + SIZES["large"]) / 2
 # A shape of half-width h drawn in pixels covers about a·h² + b·h of them (b: the edge's pixels, fitted on PIL's
 # drawings); the fit tries half-widths around the solution, by these factors.
 AREA = {"circle": (math.pi, 3.15), "square": (4.0, 2.52), "triangle": (2.0, 2.2), "diamond": (2.0, 1.93)}
 SCALES = (0.93, 0.965, 1.0, 1.035, 1.07)
-TURNS = {shape: [0.0] if shape == "circle" else list(np.linspace(-TURN, TURN, 7)) for shape in SHAPES}
+TURNS = {shape: list(np.linspace(-TURN, TURN, 7)) if TURN and shape != "circle" else [0.0] for shape in SHAPES}
 ATTRIBUTES = ("background", "count", "colour", "shape", "size", "position")
 
 

@@ -43,9 +43,9 @@ HELD_OUT_COUNT = 20
 HELD_OUT_SEED = 2024
 
 # What the seed varies, and how far (`Look`): each bound keeps every attribute readable.
-SHIFT = 3.0  # pixels each way from the place's centre
+SHIFT = 2.0  # pixels each way from the place's centre
 GROWTH = 0.15  # a size's half-width within ±15 %: small 5.5–7.5 px, large 9.8–13.2 px
-TURN = 10.0  # degrees each way (squares, triangles and diamonds; a diamond is a square turned 45°)
+TURN = 0.0  # degrees each way (squares, triangles, diamonds); 0: the toy transformer drew turned shapes as blobs
 SHADE = 14  # each channel of the colour within ±14 of the named colour
 LIGHT = 8.0  # the background's light changes by up to ±8 from the centre to the edge
 MARGIN = 1  # pixels kept clear at the picture's edge

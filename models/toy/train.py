@@ -31,7 +31,7 @@ IMAGE_TOKENS = (LATENT_SIDE // 2) ** 2  # 2×2 patches
 class Schedule:
     vae_steps: int = 3600
     vae_batch: int = 8
-    steps: int = 12000
+    steps: int = 14000
     batch: int = 32
     scenes: int = 30000  # pictures encoded once for the transformer's training
     lr: float = 5e-4
