@@ -110,7 +110,8 @@ class Running:
         )
 
     def logs(self) -> str:
-        return subprocess.run([*PODMAN, "logs", self.name], capture_output=True, text=True).stdout[-4000:]
+        logged = subprocess.run([*PODMAN, "logs", self.name], capture_output=True, text=True)
+        return (logged.stdout + logged.stderr)[-4000:]  # podman logs gives the container's stderr on its own
 
     def remove(self) -> None:
         subprocess.run([*PODMAN, "rm", "-f", "-t", "0", self.name], capture_output=True)
