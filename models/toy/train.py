@@ -31,7 +31,7 @@ IMAGE_TOKENS = (LATENT_SIDE // 2) ** 2  # 2×2 patches
 class Schedule:
     vae_steps: int = 3600
     vae_batch: int = 8
-    steps: int = 14000
+    steps: int = 10000
     batch: int = 32
     scenes: int = 30000  # pictures encoded once for the transformer's training
     lr: float = 5e-4
@@ -52,7 +52,7 @@ def object_weight(images: torch.Tensor, weight: float = 8.0) -> torch.Tensor:
     return torch.where(background, 1.0, weight)
 
 
-TIGHT = 0.1  # weight of the posterior's variance in the VAE's loss
+KL_WEIGHT = 1e-3  # of the posterior's KL divergence per latent element, in the VAE's loss
 
 
 def cosine(step: int, total: int, warmup: int = 100) -> float:
@@ -60,10 +60,10 @@ def cosine(step: int, total: int, warmup: int = 100) -> float:
 
 
 def train_vae(pipe: FluxPipeline, schedule: Schedule, rng: random.Random, losses: list[float]) -> dict[str, float]:
-    """Reconstruction (L1, objects weighted) of the posterior's mean, on fresh pictures every step, and its
-    variance pressed down (`TIGHT`) so that the posterior is tight, as FLUX.1's VAE's is: diffusers' pipelines,
-    which encode by sampling it, get the picture back. Then the latents' scale; returns the posterior's
-    figures."""
+    """Reconstruction (L1, objects weighted) of a sample of the posterior, with a KL term, on fresh pictures every
+    step: a VAE as FLUX.1's is. The decoder learns to draw from samples, so diffusers' pipelines, which encode by
+    sampling, get the picture back; the KL keeps the latents smooth, which the transformer needs to learn them.
+    Then the latents' scale; returns the posterior's figures."""
     vae = pipe.vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(rng.randrange(2**31))
@@ -74,8 +74,9 @@ def train_vae(pipe: FluxPipeline, schedule: Schedule, rng: random.Random, losses
                 group["lr"] = 2e-3 * cosine(step, schedule.vae_steps)
             images = pixels([sample_scene(rng) for _ in range(schedule.vae_batch)])
             posterior = vae.encode(images).latent_dist
-            error = (vae.decode(posterior.mode()).sample - images).abs()
-            loss = (error * object_weight(images)).mean() + TIGHT * posterior.var.mean()
+            error = (vae.decode(posterior.sample(generator)).sample - images).abs()
+            divergence = posterior.kl().mean() / posterior.mean[0].numel()
+            loss = (error * object_weight(images)).mean() + KL_WEIGHT * divergence
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -207,6 +208,7 @@ def train(out: Path, seed: int, schedule: Schedule, argv: list[str]) -> dict:
     pipe = build_pipeline(PRESET, seed=seed, dtype=torch.float32)
     curves: dict[str, list[float]] = {"VAE": [], "transformer": []}
     vae_figures = train_vae(pipe, schedule, rng, curves["VAE"])
+    print(f"VAE: {vae_figures}", flush=True)
     data = encode(pipe, [sample_scene(rng) for _ in range(schedule.scenes)])
     train_transformer(pipe.transformer, data, schedule, seed, curves["transformer"], "transformer")
     pipe.to(torch.bfloat16).save_pretrained(out)
