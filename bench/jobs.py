@@ -59,8 +59,8 @@ def hop_means(hops: list[dict[str, float]]) -> dict[str, float]:
     store and its fetch (submit, the waiter's wake-up, the answer: what the jobs path adds beyond storage)."""
     names = ("queued", "render", "store", "fetch", "total")
     means = {name: statistics.fmean(hop[name] for hop in hops) for name in names}
-    storage = means["queued"] + means["render"] + means["store"] + means["fetch"]
-    return {**means, "outside": means["total"] - storage}
+    accounted = means["queued"] + means["render"] + means["store"] + means["fetch"]
+    return {**means, "outside": means["total"] - accounted}
 
 
 def jobs_vs_sync(url: str, size: int, steps: int, requests: int, concurrency: int, gpu_usd_per_hour: float) -> dict:
