@@ -239,9 +239,21 @@ def build_pipeline(preset_name: str, seed: int = 0, dtype: torch.dtype = torch.b
     return FluxPipeline(scheduler=scheduler, tokenizer=build_clip_tokenizer(), tokenizer_2=tokenizer_2, **modules)
 
 
-def decode_in_float32(vae: AutoencoderKL) -> None:
-    """Run the VAE in float32, whatever dtype its input comes in. For CPUs: without avx512_bf16, bf16
-    convolutions are ~50x slower than float32; the VAE is small (84 M parameters) and never quantized."""
-    if vae.dtype != torch.float32:
-        vae.to(torch.float32)
-        vae.decoder.register_forward_pre_hook(lambda _, args: (args[0].float(), *args[1:]))
+def vae_in_float32(vae: AutoencoderKL) -> None:
+    """Run the VAE in float32, whatever dtype its input comes in: for CPUs, where without avx512_bf16 bf16
+    convolutions are ~50x slower than float32 (the VAE is small, 84 M parameters, and never quantized). The
+    encoder's moments come back in the input's dtype, as from a VAE of that dtype, so diffusers' image
+    pipelines (which encode an image in the transformer's dtype) and the service's own loop get the same latents."""
+    if getattr(vae, "in_float32", False):
+        return
+    vae.in_float32 = True
+    vae.to(torch.float32)
+    vae.decoder.register_forward_pre_hook(lambda _, args: (args[0].float(), *args[1:]))
+
+    def encode_in_float32(module: torch.nn.Module, args: tuple) -> tuple:
+        module.input_dtype = args[0].dtype
+        return (args[0].float(), *args[1:])
+
+    vae.encoder.register_forward_pre_hook(encode_in_float32)
+    last = vae.quant_conv if vae.quant_conv is not None else vae.encoder
+    last.register_forward_hook(lambda _, args, output: output.to(vae.encoder.input_dtype))

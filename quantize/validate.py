@@ -10,7 +10,7 @@ from PIL import Image
 from pydantic import BaseModel
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from models.architecture import decode_in_float32, pipeline_variant
+from models.architecture import vae_in_float32, pipeline_variant
 from models.toy.scenes import held_out_prompts
 
 PROMPTS = (
@@ -49,7 +49,7 @@ def render(
     Both sides decode in float32 (the VAE is not quantized, so the comparison is unchanged).
     """
     pipe.set_progress_bar_config(disable=True)
-    decode_in_float32(pipe.vae)
+    vae_in_float32(pipe.vae)
     images, latents = [], []
     variant = pipeline_variant(pipe)
     for start in range(0, len(prompts), batch):

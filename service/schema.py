@@ -4,12 +4,24 @@ import unicodedata
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
+from pydantic import (
+    Base64Bytes,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 from models.architecture import VARIANTS, Variant
+from service.pictures import PictureError, picture_size, read_image, read_mask
 
 MAX_PROMPT_CHARS = 2000  # FLUX.1-dev's T5 reads 512 tokens; longer prompts are refused, not silently cut
 MAX_LORAS = 8
+MAX_SIDE = 2048  # pixels a side a request may ask for or send; the deployment's own limit is on /info
+DEFAULT_STRENGTH = 0.8  # of an image request that leaves it unset (Replicate's FLUX img2img default)
 
 
 def field_path(location: tuple) -> str:
@@ -68,12 +80,14 @@ class GenerationRequest(BaseModel):
         StrictInt,
         Field(
             ge=64,
-            le=2048,
+            le=MAX_SIDE,
             multiple_of=16,
             description="Pixels, a multiple of 16; the deployment's largest side is on /info",
         ),
     ] = 1024
-    height: Annotated[StrictInt, Field(ge=64, le=2048, multiple_of=16, description="Pixels, a multiple of 16")] = 1024
+    height: Annotated[StrictInt, Field(ge=64, le=MAX_SIDE, multiple_of=16, description="Pixels, a multiple of 16")] = (
+        1024
+    )
     steps: Annotated[
         StrictInt | None,
         Field(
@@ -126,10 +140,89 @@ class GenerationRequest(BaseModel):
         return max(self.height, self.width)
 
 
-class WorkItem(GenerationRequest):
-    """A request as the batching worker sees it: who sent it, an id to follow or cancel it, and when it
-    arrived and must be done by (wall-clock seconds)."""
+def refuse_picture(check, data: bytes) -> None:
+    """`check` (a reader of service.pictures) on `data`; its refusal as a validation error of the field."""
+    try:
+        check(data, MAX_SIDE)
+    except PictureError as error:
+        raise ValueError(str(error)) from None
 
+
+class Conditioning(BaseModel):
+    """What an image request starts from: a picture, how much of the schedule redraws it, and which pixels to
+    repaint. Masks: white (≥ 128 as gray) is repainted, black kept; the same size as the image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: Annotated[Base64Bytes, Field(description="The input picture: PNG, JPEG or WebP, base64")]
+    strength: Annotated[
+        StrictFloat,
+        Field(
+            gt=0.0,
+            le=1.0,
+            description="How much of the schedule redraws the image: 1 draws from noise (the image only "
+            "where the mask keeps it), 0.3 keeps most of it; the request runs about strength × steps steps",
+        ),
+    ] = DEFAULT_STRENGTH
+    mask: Annotated[
+        Base64Bytes | None,
+        Field(description="Which pixels are repainted (white) and kept (black); unset: all of them are redrawn"),
+    ] = None
+
+    @field_validator("image")
+    @classmethod
+    def image_readable(cls, image: bytes) -> bytes:
+        refuse_picture(read_image, image)
+        return image
+
+    @field_validator("mask")
+    @classmethod
+    def mask_readable(cls, mask: bytes | None) -> bytes | None:
+        if mask is not None:
+            refuse_picture(read_mask, mask)
+        return mask
+
+    @model_validator(mode="after")
+    def mask_fits_image(self) -> "Conditioning":
+        if self.mask is not None and (size := picture_size(self.mask, MAX_SIDE)) != self.size:
+            raise ValueError(f"mask: {size[0]}x{size[1]} is not the image's size, {self.size[0]}x{self.size[1]}")
+        return self
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The image's (width, height), as shown."""
+        return picture_size(self.image, MAX_SIDE)
+
+
+def side_for(pixels: int) -> int:
+    """The side a picture of `pixels` is drawn at when the request leaves it unset: down to a multiple of 16."""
+    return min(MAX_SIDE, max(64, pixels // 16 * 16))
+
+
+class ImageRequest(GenerationRequest, Conditioning):
+    """An image-to-image or inpainting request. Unset width and height come from the image (down to a multiple of
+    16); set and different, the image (and mask) are resized to them, as diffusers' pipelines resize."""
+
+    @model_validator(mode="after")
+    def size_from_image(self) -> "ImageRequest":
+        width, height = self.size
+        for field, pixels in (("width", width), ("height", height)):
+            if field not in self.model_fields_set:
+                setattr(self, field, side_for(pixels))
+        return self
+
+    def work_item(self, **context) -> "WorkItem":
+        """The worker's item: the text request's fields, and the conditioning in one place."""
+        text = {name: getattr(self, name) for name in GenerationRequest.model_fields}
+        pictures = Conditioning.model_construct(**{name: getattr(self, name) for name in Conditioning.model_fields})
+        return WorkItem(**text, conditioning=pictures, **context)
+
+
+class WorkItem(GenerationRequest):
+    """A request as the batching worker sees it: what it starts from (an image, for image requests), who sent
+    it, an id to follow or cancel it, and when it arrived and must be done by (wall-clock seconds)."""
+
+    conditioning: Conditioning | None = None
     protocol: str = "http"
     request_id: str = ""
     arrived: float = 0.0

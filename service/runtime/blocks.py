@@ -46,8 +46,9 @@ def relative_change(residual: torch.Tensor, previous: torch.Tensor) -> float:
 
 
 class RowCache:
-    """One pipeline call's per-row state: thresholds, the last computed first-block residuals, what the
-    remaining blocks added then, and which rows compute this step."""
+    """One pipeline call's per-row state, by batch row: thresholds, the last computed first-block residuals, what
+    the remaining blocks added then; and which positions of this step's rows (`rows.current`: the rows that have
+    started) compute the remaining blocks."""
 
     def __init__(self, thresholds: list[float | None], rows: Rows) -> None:
         self.thresholds, self.rows = thresholds, rows
@@ -58,12 +59,14 @@ class RowCache:
         self.computed = [0] * len(thresholds)
 
     def decide(self, residual: torch.Tensor) -> list[int]:
-        """The rows that run the remaining blocks this step; their residuals become the reference."""
+        """The positions, in this call's rows (`rows.current`), that run the remaining blocks this step; their
+        residuals become the reference."""
         computing = []
-        for row, (threshold, previous) in enumerate(zip(self.thresholds, self.head_residual, strict=True)):
-            if previous is None or threshold is None or relative_change(residual[row], previous) > threshold:
-                computing.append(row)
-                self.head_residual[row] = residual[row].clone()  # a view would keep the whole batch's tensor
+        for position, row in enumerate(self.rows.current):
+            threshold, previous = self.thresholds[row], self.head_residual[row]
+            if previous is None or threshold is None or relative_change(residual[position], previous) > threshold:
+                computing.append(position)
+                self.head_residual[row] = residual[position].clone()  # a view would keep the whole batch's tensor
                 self.computed[row] += 1
         return computing
 
@@ -80,11 +83,11 @@ class HeadBlock(ModelHook):
         cache = self.cache
         cache.computing = cache.decide(hidden - kwargs["hidden_states"])
         cache.head_output = hidden
-        skipping = [row for row in range(len(hidden)) if row not in cache.computing]
+        skipping = [position for position in range(len(hidden)) if position not in cache.computing]
         if skipping:
             hidden = hidden.clone()
-            for row in skipping:
-                hidden[row] += cache.tail_residual[row]
+            for position in skipping:
+                hidden[position] += cache.tail_residual[cache.rows.current[position]]
         return context, hidden
 
 
@@ -97,18 +100,19 @@ class RemainingBlock(ModelHook):
         self.cache, self.last = cache, last
 
     def new_forward(self, module: torch.nn.Module, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, context, hidden = self.cache.computing, kwargs["encoder_hidden_states"], kwargs["hidden_states"]
-        if len(rows) == len(hidden):
+        cache, context, hidden = self.cache, kwargs["encoder_hidden_states"], kwargs["hidden_states"]
+        positions, current = cache.computing, cache.rows.current
+        if len(positions) == len(hidden):
             context, hidden = self.fn_ref.original_forward(**kwargs)
-        elif rows:
-            subset = {name: kwargs[name][rows] for name in ("hidden_states", "encoder_hidden_states", "temb")}
-            with self.cache.rows.only(rows):
+        elif positions:
+            subset = {name: kwargs[name][positions] for name in ("hidden_states", "encoder_hidden_states", "temb")}
+            with cache.rows.only([current[position] for position in positions]):
                 sub_context, sub_hidden = self.fn_ref.original_forward(**(kwargs | subset))
             context, hidden = context.clone(), hidden.clone()
-            context[rows], hidden[rows] = sub_context, sub_hidden
+            context[positions], hidden[positions] = sub_context, sub_hidden
         if self.last:
-            for row in rows:
-                self.cache.tail_residual[row] = hidden[row] - self.cache.head_output[row]
+            for position in positions:
+                cache.tail_residual[current[position]] = hidden[position] - cache.head_output[position]
         return context, hidden
 
 

@@ -13,7 +13,7 @@ from contextlib import nullcontext
 import torch
 from diffusers import FluxPipeline
 
-from models.architecture import decode_in_float32, pipeline_variant
+from models.architecture import pipeline_variant, vae_in_float32
 from service.observe import (
     CANCELLATIONS,
     OOM_SPLITS,
@@ -27,6 +27,7 @@ from service.observe import (
 from service.runtime.adapters import AdapterCache, stacks_applied
 from service.runtime.blocks import RowCache, Rows, compile_blocks, step_cache
 from service.runtime.board import Board
+from service.runtime.denoise import Denoiser, Start
 from service.runtime.imaging import MEDIA_TYPES, encode_image
 from service.runtime.placement import Placement
 from service.runtime.prompts import PromptCache, cached_embeddings, encode_missing, stack
@@ -83,10 +84,10 @@ class Renderer:
     ) -> None:
         self.pipe, self.placement, self.cache, self.board = pipe, placement, cache, board or Board()
         self.adapters, self.step_cache, self.compiled = adapters, step_cache, False
-        self.variant = pipeline_variant(pipe)
+        self.variant, self.denoiser = pipeline_variant(pipe), Denoiser(pipe)
         placement.apply(pipe)
         if placement.device.type == "cpu" or pipe.vae.dtype == torch.float16:  # no fast bf16 / fp16 range
-            decode_in_float32(pipe.vae)
+            vae_in_float32(pipe.vae)
         pipe.set_progress_bar_config(disable=True)
 
     def render(self, items: list[WorkItem]) -> list[Result]:
@@ -151,6 +152,7 @@ class Renderer:
 
     def _render_group(self, group: list[WorkItem]) -> list[Result]:
         height, width, steps, guidance = group[0].shape
+        self.denoiser.schedule(steps, height, width, self.placement.device)
         ids = [item.request_id for item in group]
         clock, started = Stopwatch(self.placement.bucket(group[0].side)), time.perf_counter()
         queue_ms = {item.request_id: 1000 * max(0.0, time.time() - item.arrived) for item in group if item.arrived}
@@ -158,22 +160,18 @@ class Renderer:
             STAGE_SECONDS.labels(stage="queue_wait", bucket=clock.bucket).observe(seconds / 1000)
         self.board.start(ids)
         try:
-            embeds, pooled = self._encode_text([item.prompt for item in group])
+            text = self._encode_text([item.prompt for item in group])
             clock.record("text_encode", started)
             started, rows = time.perf_counter(), Rows(len(group))
+            starts = self._starts(group, text[0].dtype)
+            if any(item.conditioning for item in group):
+                clock.record("image_in", started)
+                started = time.perf_counter()
             policies = [item.cache for item in group]
             with self._loras(group, rows), step_cache(self.pipe.transformer, policies, rows) as cached:
-                latents = self.pipe(
-                    prompt_embeds=embeds,
-                    pooled_prompt_embeds=pooled,
-                    height=height,
-                    width=width,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    output_type="latent",
-                    generator=[torch.Generator(self.placement.device).manual_seed(item.seed) for item in group],
-                    callback_on_step_end=self._step_callback(group, cached),
-                ).images
+                latents = self.denoiser.run(
+                    starts, text, (height, width), guidance, rows, self._after_step(group, cached, steps)
+                )
             clock.record("denoise", started)
             results = [self._finish(item, latents[k : k + 1], clock) for k, item in enumerate(group)]
         finally:
@@ -209,26 +207,37 @@ class Renderer:
                 found |= encode_missing(self.pipe, missing, self.cache, self.variant.max_sequence_length)
         return stack(found, prompts, self.pipe._execution_device)
 
-    def _step_callback(self, group: list[WorkItem], cached: RowCache | None):
+    def _starts(self, group: list[WorkItem], dtype: torch.dtype) -> list[Start]:
+        """Each row's start: its seed's noise, or its image encoded and noised to its strength's step."""
+        height, width, steps, _ = group[0].shape
+        device, vae = self.placement.device, self.pipe.vae
+        vae.enable_tiling() if self.placement.decode_tiled(max(height, width)) else vae.disable_tiling()
+        return [
+            self.denoiser.start(
+                item.conditioning, torch.Generator(device).manual_seed(item.seed), (height, width, steps), dtype, device
+            )
+            for item in group
+        ]
+
+    def _after_step(self, group: list[WorkItem], cached: RowCache | None, steps: int):
         """Publish progress and count the step's images computed or reused (a reused step is a step too);
         stop early when nobody in the call waits for its images any more."""
         ids = [item.request_id for item in group]
 
-        def on_step_end(pipe: FluxPipeline, step: int, timestep, callback_kwargs: dict) -> dict:
+        def after_step(step: int, active: list[int]) -> bool:
             self.board.report(ids, step + 1)
-            computed = len(cached.computing) if cached else len(group)
+            computed = len(cached.computing) if cached else len(active)
             STEPS.labels(result="computed").inc(computed)
-            STEPS.labels(result="reused").inc(len(group) - computed)
-            if pipe.interrupt or not all(self._gone(item) for item in group):
-                return callback_kwargs
-            pipe._interrupt = True  # diffusers' documented way to stop a running pipeline
+            STEPS.labels(result="reused").inc(len(active) - computed)
+            if not all(self._gone(item) for item in group):
+                return True
             cancelled = [rid for rid in ids if self.board.is_cancelled(rid)]
             if len(cancelled) == len(ids):
                 STEPS_AFTER_CANCEL.observe(self.board.steps_after_cancel(cancelled, step + 1))
-            logger.info("stopped at step %d of %d: nobody waits for %s", step + 1, pipe.num_timesteps, ids)
-            return callback_kwargs
+            logger.info("stopped at step %d of %d: nobody waits for %s", step + 1, steps, ids)
+            return False
 
-        return on_step_end
+        return after_step
 
     def _gone(self, item: WorkItem) -> bool:
         return self.board.is_cancelled(item.request_id) or (item.deadline is not None and time.time() > item.deadline)
