@@ -1,11 +1,13 @@
 """The request every protocol accepts: typed, documented, bounded; and the limits the plan adds."""
 
+import base64
+import binascii
+import re
 import unicodedata
 from enum import StrEnum
 from typing import Annotated
 
 from pydantic import (
-    Base64Bytes,
     BaseModel,
     ConfigDict,
     Field,
@@ -140,12 +142,24 @@ class GenerationRequest(BaseModel):
         return max(self.height, self.width)
 
 
-def refuse_picture(check, data: bytes) -> None:
-    """`check` (a reader of service.pictures) on `data`; its refusal as a validation error of the field."""
+DATA_URL = re.compile(r"^data:[\w/+.-]+;base64,")
+
+
+def picture_bytes(text: str) -> bytes:
+    """A picture's bytes from its base64 text (a `data:image/png;base64,` prefix allowed)."""
     try:
-        check(data, MAX_SIDE)
+        return base64.b64decode(DATA_URL.sub("", text, count=1), validate=True)
+    except binascii.Error as error:
+        raise ValueError(f"not base64 ({error})") from None
+
+
+def refuse_picture(check, text: str) -> str:
+    """`check` (a reader of service.pictures) on the picture in `text`; a refusal as the field's validation error."""
+    try:
+        check(picture_bytes(text), MAX_SIDE)
     except PictureError as error:
         raise ValueError(str(error)) from None
+    return text
 
 
 class Conditioning(BaseModel):
@@ -154,7 +168,7 @@ class Conditioning(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: Annotated[Base64Bytes, Field(description="The input picture: PNG, JPEG or WebP, base64")]
+    image: Annotated[str, Field(description="The input picture: PNG, JPEG or WebP, base64 (or a data: URL)")]
     strength: Annotated[
         StrictFloat,
         Field(
@@ -165,33 +179,38 @@ class Conditioning(BaseModel):
         ),
     ] = DEFAULT_STRENGTH
     mask: Annotated[
-        Base64Bytes | None,
+        str | None,
         Field(description="Which pixels are repainted (white) and kept (black); unset: all of them are redrawn"),
     ] = None
 
     @field_validator("image")
     @classmethod
-    def image_readable(cls, image: bytes) -> bytes:
-        refuse_picture(read_image, image)
-        return image
+    def image_readable(cls, image: str) -> str:
+        return refuse_picture(read_image, image)
 
     @field_validator("mask")
     @classmethod
-    def mask_readable(cls, mask: bytes | None) -> bytes | None:
-        if mask is not None:
-            refuse_picture(read_mask, mask)
-        return mask
+    def mask_readable(cls, mask: str | None) -> str | None:
+        return mask if mask is None else refuse_picture(read_mask, mask)
 
     @model_validator(mode="after")
     def mask_fits_image(self) -> "Conditioning":
-        if self.mask is not None and (size := picture_size(self.mask, MAX_SIDE)) != self.size:
+        if self.mask is not None and (size := picture_size(self.mask_bytes, MAX_SIDE)) != self.size:
             raise ValueError(f"mask: {size[0]}x{size[1]} is not the image's size, {self.size[0]}x{self.size[1]}")
         return self
 
     @property
+    def image_bytes(self) -> bytes:
+        return picture_bytes(self.image)
+
+    @property
+    def mask_bytes(self) -> bytes | None:
+        return None if self.mask is None else picture_bytes(self.mask)
+
+    @property
     def size(self) -> tuple[int, int]:
         """The image's (width, height), as shown."""
-        return picture_size(self.image, MAX_SIDE)
+        return picture_size(self.image_bytes, MAX_SIDE)
 
 
 def side_for(pixels: int) -> int:
@@ -265,6 +284,7 @@ class Limits(BaseModel):
         batch of their size."""
         for item in items:
             self.check_variant(item)
+            self.check_picture(item)
         for field in ("width", "height"):
             if (value := max(getattr(item, field) for item in items)) > self.max_side:
                 raise Refused(field, f"{value} is larger than this deployment serves (largest side: {self.max_side})")
@@ -275,6 +295,14 @@ class Limits(BaseModel):
                 "n",
                 f"{len(items)} images at {items[0].width}x{items[0].height} in one call: this "
                 f"deployment renders at most {batch} together at that size",
+            )
+
+    def check_picture(self, item: GenerationRequest) -> None:
+        """An input image within this deployment's largest side."""
+        conditioning = getattr(item, "conditioning", None)
+        if conditioning is not None and max(size := conditioning.size) > self.max_side:
+            raise Refused(
+                "image", f"{size[0]}x{size[1]} is larger than this deployment serves (largest side: {self.max_side})"
             )
 
     def check_variant(self, item: GenerationRequest) -> None:

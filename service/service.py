@@ -46,7 +46,7 @@ from service.runtime.prompts import PromptCache
 from service.runtime.render import Renderer
 from service.runtime.result import Result
 from service.runtime.turns import DeviceTurns
-from service.schema import GenerationRequest, Limits, WorkItem
+from service.schema import GenerationRequest, ImageRequest, Limits, WorkItem
 from service.settings import RESOLUTION_BUCKETS, settings
 
 SETTINGS = settings()
@@ -335,7 +335,17 @@ class Flux:
     @bentoml.api(route="/txt2img", input_spec=GenerationRequest)
     async def txt2img(self, ctx: bentoml.Context, **fields) -> Annotated[bytes, "image/png, image/jpeg or image/webp"]:
         rid = new_request_id(ctx.request.headers.get(REQUEST_ID_HEADER))
-        item = WorkItem(**fields, protocol="http", request_id=rid, arrived=time.time())
+        return await self._answer(ctx, WorkItem(**fields, protocol="http", request_id=rid, arrived=time.time()))
+
+    @bentoml.api(route="/img2img", input_spec=ImageRequest)
+    async def img2img(self, ctx: bentoml.Context, **fields) -> Annotated[bytes, "image/png, image/jpeg or image/webp"]:
+        """img2img (`image`, `strength`) and inpainting (and `mask`): the fields of /txt2img and those."""
+        rid = new_request_id(ctx.request.headers.get(REQUEST_ID_HEADER))
+        request = ImageRequest.model_construct(**fields)  # validated by BentoML
+        return await self._answer(ctx, request.work_item(protocol="http", request_id=rid, arrived=time.time()))
+
+    async def _answer(self, ctx: bentoml.Context, item: WorkItem) -> Response:
+        rid = item.request_id
         try:
             result = await self.gateway.render(item, caller_left=ctx.request.is_disconnected)
         except Rejected as error:
@@ -352,6 +362,10 @@ class Flux:
 FluxWorker.models.extend(PACKED_LORAS)
 FluxWorker.add_asgi_middleware(CountInFlight, drain=DRAIN)
 Flux.add_asgi_middleware(
-    HttpGate, drain=DRAIN, max_body_bytes=SETTINGS.max_body_kb * 1024, max_in_flight=SETTINGS.max_in_flight
+    HttpGate,
+    drain=DRAIN,
+    max_body_bytes=SETTINGS.max_body_kb * 1024,
+    max_image_body_bytes=SETTINGS.max_image_body_mb * 2**20,
+    max_in_flight=SETTINGS.max_in_flight,
 )
 Flux.add_asgi_middleware(BearerAuth, keys=API_KEYS)

@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     max_body_kb: int = Field(
         64, ge=16, description="largest HTTP request body (413 over it); the largest valid request is ~30 KB"
     )
+    max_image_body_mb: int = Field(
+        32,
+        ge=1,
+        description="largest body of the routes that take pictures (/img2img, /v1/images/edits; 413 over "
+        "it): an image and a mask at 2048², base64 or multipart",
+    )
     grpc_address: str = Field("0.0.0.0:50051", description="where the gRPC front listens")
     grpc_max_send_mb: int = Field(64, ge=4, description="largest gRPC reply (a 2048² PNG is ~10 MB)")
     grpc_max_receive_mb: int = Field(4, ge=1, description="largest gRPC request")

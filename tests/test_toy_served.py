@@ -7,6 +7,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import torch
@@ -18,7 +19,11 @@ from models.toy import TRAINED
 from models.toy.checker import adherence
 from models.toy.scenes import held_out_prompts
 from service.launcher import running_server
+from service.pictures import png
 from tests.conftest import free_port, private_home, run_module
+from tests.test_images_in import REFUSED, b64
+
+JSON = {"Content-Type": "application/json"}
 
 SCENES = held_out_prompts(20, things=1, seed=5)  # combinations training never drew
 # The issue's floor: 85 % of the prompts drawn entirely as asked (bench.quality: int8 draws about 95 % of 200),
@@ -50,7 +55,12 @@ def toy_server(tmp_path_factory):
             "quantize", "lora", "add", str(TRAINED / "loras" / f"{style}.safetensors"), "--name", style, "--base", tag
         )
         assert added.returncode == 0, added.stderr
-    env = {"FLUX_ARTIFACT": tag, "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}", **private_home(folder / "home")}
+    env = {
+        "FLUX_ARTIFACT": tag,
+        "FLUX_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
+        "FLUX_MAX_IMAGE_BODY_MB": "1",  # the picture routes' own limit, low enough to try
+        **private_home(folder / "home"),
+    }
     with running_server(free_port(), folder / "server.log", env=env) as url:
         yield url
 
@@ -133,3 +143,67 @@ def test_the_gate_refuses_an_artifact_that_ignores_its_prompt(tmp_path):
     assert result.returncode == 3, result.stdout + result.stderr
     assert f"is below --min-adherence {MIN_ALL:.2f}; nothing was stored" in result.stderr
     assert "toy-mute" not in run_module("bentoml", "models", "list").stdout
+
+
+# --- images in ---------------------------------------------------------------------------------------------
+
+PICTURE = base64.b64encode(png(held_out_prompts(1, things=1, seed=9)[0].draw())).decode()
+MASK = Image.new("L", (64, 64), 0)
+MASK.paste(255, (32, 32, 64, 64))  # the bottom right quarter is repainted
+IMAGE_REQUESTS = {
+    "text": ("/txt2img", {}),
+    "img2img 0.3": ("/img2img", {"image": PICTURE, "strength": 0.3}),
+    "img2img 0.7": ("/img2img", {"image": PICTURE, "strength": 0.7}),
+    "inpainting": ("/img2img", {"image": PICTURE, "mask": base64.b64encode(png(MASK)).decode(), "strength": 1.0}),
+    "img2img with a stack": ("/img2img", {"image": PICTURE, "strength": 0.6, "loras": [{"name": "outlined"}]}),
+    "text, cache fast": ("/txt2img", {"cache": "fast"}),
+    "inpainting, cache fast": (
+        "/img2img",
+        {"image": PICTURE, "mask": base64.b64encode(png(MASK)).decode(), "strength": 0.8, "cache": "fast"},
+    ),
+}
+
+
+def post(url: str, route: str, **fields) -> httpx.Response:
+    return httpx.post(f"{url}{route}", json={**SIZE, "prompt": SCENES[0].caption(), **fields}, timeout=300)
+
+
+def test_a_mixed_batch_of_text_and_image_requests_gives_each_its_solo_bytes(toy_server):
+    """Text-to-image, img2img at two strengths, inpainting, a LoRA stack and a step cache policy, sent together
+    (in batches, the metrics show) and alone: the same bytes, on a served deployment."""
+    jobs = [(name, seed) for seed in range(3) for name in IMAGE_REQUESTS]
+
+    def draw(job: tuple) -> bytes:
+        name, seed = job
+        route, fields = IMAGE_REQUESTS[name]
+        response = post(toy_server, route, seed=seed, **fields)
+        assert response.status_code == 200, response.text
+        return response.content
+
+    alone = {job: draw(job) for job in jobs}
+    before = batch_histogram(httpx.get(f"{toy_server}/metrics").text)
+    with ThreadPoolExecutor(len(IMAGE_REQUESTS)) as pool:
+        together = dict(zip(jobs, pool.map(draw, jobs), strict=True))
+    after = batch_histogram(httpx.get(f"{toy_server}/metrics").text)
+    assert after[float("inf")] - before.get(float("inf"), 0) > after[1.0] - before.get(1.0, 0), "no batch mixed them"
+    assert [job for job in jobs if together[job] != alone[job]] == []
+    assert len({alone[name, 0] for name in IMAGE_REQUESTS}) == len(IMAGE_REQUESTS)  # each differs from the others
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_a_bad_picture_over_http_is_refused_naming_the_field_and_the_server_serves_on(toy_server, name):
+    response = post(toy_server, "/img2img", image=b64(REFUSED[name]))
+    assert response.status_code == 400, response.text
+    assert ["image"] in [error["loc"] for error in response.json()["detail"]], response.json()
+    assert post(toy_server, "/img2img", image=PICTURE, strength=0.3).status_code == 200
+
+
+def test_picture_routes_have_their_own_body_limit(toy_server):
+    """/img2img takes bodies over the text routes' 64 KB, up to its own limit (1 MB here): 413 above it."""
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8))
+    big = base64.b64encode(png(noise)).decode()  # ~100 KB of base64
+    assert len(big) > 64 * 1024
+    assert post(toy_server, "/img2img", image=big, strength=0.3).status_code == 200
+    assert post(toy_server, "/txt2img", padding=big).status_code == 413
+    huge = httpx.post(f"{toy_server}/img2img", content=b"{" + b" " * 2**20 + b"}", timeout=60, headers=JSON)
+    assert huge.status_code == 413, huge.text

@@ -17,6 +17,8 @@ from service.gateway import over_in_flight
 from service.observe import REQUEST_ID_HEADER, logger, new_request_id, request_id
 
 JSON_TYPES = ("application/json",)
+IMAGE_PATHS = frozenset({"/img2img", "/v1/images/edits"})  # routes that take pictures: their own body limit
+MULTIPART_PATHS = frozenset({"/v1/images/edits"})  # OpenAI's edits take multipart/form-data
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -33,12 +35,16 @@ def error_response(path: str, outcome: str, message: str, rid: str) -> JSONRespo
 
 
 class HttpGate:
-    """ASGI middleware of the front; `max_body_bytes` bounds every request body, `max_in_flight` the calls
-    answered at once."""
+    """ASGI middleware of the front; `max_body_bytes` bounds every request body but those of the routes that
+    take pictures (IMAGE_PATHS), which `max_image_body_bytes` bounds; `max_in_flight` the calls answered at once."""
 
-    def __init__(self, app, drain: Drain, max_body_bytes: int, max_in_flight: int) -> None:
-        self.app, self.drain, self.max_body_bytes = app, drain, max_body_bytes
+    def __init__(self, app, drain: Drain, max_body_bytes: int, max_image_body_bytes: int, max_in_flight: int) -> None:
+        self.app, self.drain = app, drain
+        self.max_body_bytes, self.max_image_body_bytes = max_body_bytes, max_image_body_bytes
         self.max_in_flight, self.in_flight = max_in_flight, 0
+
+    def body_limit(self, path: str) -> int:
+        return self.max_image_body_bytes if path in IMAGE_PATHS else self.max_body_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -50,7 +56,7 @@ class HttpGate:
         try:
             refusal = self._refusal(scope, headers)
             if refusal is None:
-                body, refusal = await self._read_body(receive)
+                body, refusal = await self._read_body(receive, self.body_limit(scope["path"]))
             if refusal is not None:
                 return await self._answer(scope, *refusal, rid, receive, send)
             self.in_flight += 1
@@ -69,16 +75,17 @@ class HttpGate:
             return "overloaded", over_in_flight(self.max_in_flight)
         if scope["method"] not in BODY_METHODS:
             return None
-        length = headers.get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_body_bytes:
-            return "too_large", f"the body is {int(length)} bytes, over this server's {self.max_body_bytes}"
+        length, limit = headers.get(b"content-length", b""), self.body_limit(scope["path"])
+        if length.isdigit() and int(length) > limit:
+            return "too_large", f"the body is {int(length)} bytes, over this route's {limit}"
         kind = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
-        if kind not in JSON_TYPES and (length not in (b"", b"0") or b"transfer-encoding" in headers):
+        multipart = scope["path"] in MULTIPART_PATHS and kind == "multipart/form-data"
+        if kind not in JSON_TYPES and not multipart and (length not in (b"", b"0") or b"transfer-encoding" in headers):
             return "unsupported_media_type", f"the body must be JSON (Content-Type: application/json), not {kind!r}"
         return None
 
-    async def _read_body(self, receive) -> tuple[bytes, tuple[str, str] | None]:
-        """The whole body, or a 413 once it outgrows the limit (a chunked body states no length)."""
+    async def _read_body(self, receive, limit: int) -> tuple[bytes, tuple[str, str] | None]:
+        """The whole body, or a 413 once it outgrows `limit` (a chunked body states no length)."""
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -86,8 +93,8 @@ class HttpGate:
                 break
             chunks.append(message.get("body", b""))
             size, more = size + len(chunks[-1]), message.get("more_body", False)
-            if size > self.max_body_bytes:
-                return b"", ("too_large", f"the body is over this server's {self.max_body_bytes} bytes")
+            if size > limit:
+                return b"", ("too_large", f"the body is over this route's {limit} bytes")
         return b"".join(chunks), None
 
     async def _answer(self, scope, outcome: str, message: str, rid: str, receive, send) -> None:

@@ -96,7 +96,7 @@ class Denoiser:
         if conditioning is None:
             return Start(self.pipe.prepare_latents(1, channels, height, width, dtype, device, generator)[0])
         pipe, vae = self.pipe, self.pipe.vae
-        picture = read_image(conditioning.image, MAX_SIDE)
+        picture = read_image(conditioning.image_bytes, MAX_SIDE)
         image = pipe.image_processor.preprocess(picture, height=height, width=width).to(device=device, dtype=dtype)
         image_latents = vae.encode(image).latent_dist.sample(generator)
         image_latents = (image_latents - vae.config.shift_factor) * vae.config.scaling_factor
@@ -108,7 +108,7 @@ class Denoiser:
         start = Start(self.pack(sigma * noise + (1.0 - sigma) * image_latents), step)
         if conditioning.mask is None:
             return start
-        mask = self.masks.preprocess(read_mask(conditioning.mask, MAX_SIDE), height=height, width=width)
+        mask = self.masks.preprocess(read_mask(conditioning.mask_bytes, MAX_SIDE), height=height, width=width)
         mask = torch.nn.functional.interpolate(mask, size=(latent_height, latent_width)).to(device=device, dtype=dtype)
         start.mask = self.pack(mask.repeat(1, channels, 1, 1))
         start.image_latents, start.noise = self.pack(image_latents), self.pack(noise)
