@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_SIDE = 2048  # the largest side any request may send (a deployment's own limit is on /info)
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -75,6 +76,22 @@ def picture_size(data: bytes, max_side: int) -> tuple[int, int]:
     orientation = picture.getexif().get(0x0112, 1)
     width, height = picture.size
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def transparent_as_mask(data: bytes, required: bool) -> bytes | None:
+    """OpenAI's mask convention (repaint where fully transparent) as ours: a PNG, white where alpha is 0. None
+    when the picture is opaque and no mask was `required` (the whole image is redrawn)."""
+    picture = decode(data, MAX_SIDE)
+    if picture.mode == "P":
+        picture = picture.convert("RGBA")
+    if "A" not in picture.getbands():
+        if required:
+            raise PictureError("a mask needs an alpha channel: its transparent pixels are the ones repainted")
+        return None
+    transparent = np.asarray(picture.getchannel("A")) == 0
+    if not transparent.any() and not required:
+        return None
+    return png(Image.fromarray(np.where(transparent, 255, 0).astype(np.uint8), mode="L"))
 
 
 def png(picture: Image.Image) -> bytes:

@@ -18,11 +18,10 @@ from pydantic import (
 )
 
 from models.architecture import VARIANTS, Variant
-from service.pictures import PictureError, picture_size, read_image, read_mask
+from service.pictures import MAX_SIDE, PictureError, picture_size, read_image, read_mask
 
 MAX_PROMPT_CHARS = 2000  # FLUX.1-dev's T5 reads 512 tokens; longer prompts are refused, not silently cut
 MAX_LORAS = 8
-MAX_SIDE = 2048  # pixels a side a request may ask for or send; the deployment's own limit is on /info
 DEFAULT_STRENGTH = 0.8  # of an image request that leaves it unset (Replicate's FLUX img2img default)
 
 

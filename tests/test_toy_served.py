@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from bench.report import batch_histogram
+from bench.report import batch_histogram, batches_between
 from models.toy import TRAINED
 from models.toy.checker import adherence
 from models.toy.scenes import held_out_prompts
@@ -207,3 +207,29 @@ def test_picture_routes_have_their_own_body_limit(toy_server):
     assert post(toy_server, "/txt2img", padding=big).status_code == 413
     huge = httpx.post(f"{toy_server}/img2img", content=b"{" + b" " * 2**20 + b"}", timeout=60, headers=JSON)
     assert huge.status_code == 413, huge.text
+
+
+def test_openai_images_edit_renders_n_images_in_one_batch_as_our_route_does(toy_server):
+    """The official SDK's `images.edit` with an image and a mask (OpenAI's convention: repaint where the mask is
+    transparent): n images from one call, each the bytes of /img2img with the same seed, mask in ours."""
+    picture = held_out_prompts(1, things=1, seed=9)[0].draw().convert("RGBA")
+    openai_mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    openai_mask.paste((0, 0, 0, 0), (32, 32, 64, 64))  # transparent: repainted
+    client = openai.OpenAI(api_key="unused", base_url=f"{toy_server}/v1", max_retries=0, timeout=300)
+    before = batch_histogram(httpx.get(f"{toy_server}/metrics").text)
+    response = client.images.edit(
+        image=("in.png", png(picture), "image/png"),
+        mask=("mask.png", png(openai_mask), "image/png"),
+        prompt=SCENES[0].caption(),
+        n=3,
+        size="64x64",
+        extra_body={"seed": 40},
+    )
+    batches = batches_between(before, batch_histogram(httpx.get(f"{toy_server}/metrics").text))
+    assert sum(batches.values()) == 1, batches  # the three images were one call of the worker: one batch
+    edited = [base64.b64decode(image.b64_json) for image in response.data]
+    ours = [
+        post(toy_server, "/img2img", image=b64(png(picture)), mask=b64(png(MASK)), strength=1.0, seed=40 + k).content
+        for k in range(3)
+    ]
+    assert edited == ours and len(set(edited)) == 3

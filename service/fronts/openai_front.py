@@ -1,11 +1,15 @@
-"""OpenAI-compatible Images API (`POST /v1/images/generations`, `GET /v1/models`), a router of the /v1 app.
+"""OpenAI-compatible Images API (`POST /v1/images/generations`, `POST /v1/images/edits`, `GET /v1/models`), a
+router of the /v1 app.
 
 It only translates: an OpenAI request into the WorkItems of one call (image k with seed + k), the Results
 back into OpenAI's response, and every failure into OpenAI's error object, so SDK exceptions carry the
-message and the field (`param`).
+message and the field (`param`). Edits come as multipart forms (the SDK's `images.edit`): OpenAI's mask
+repaints where it is transparent, so it becomes our mask (white where its alpha is 0); with no mask, the
+image's own transparent pixels are the mask, and an opaque image is redrawn whole at `strength`.
 """
 
 import base64
+import json
 import time
 from typing import Annotated, Literal
 
@@ -19,6 +23,7 @@ from service.fronts.outcomes import http_status, retry_headers
 from service.gateway import Gateway, Rejected
 from service.jobs.results import ResultStore
 from service.observe import REQUEST_ID_HEADER, new_request_id
+from service.pictures import PictureError, transparent_as_mask
 from service.runtime.result import Result
 from service.schema import (
     MAX_LORAS,
@@ -26,6 +31,7 @@ from service.schema import (
     CachePolicy,
     GenerationRequest,
     ImageFormat,
+    ImageRequest,
     LoraWeight,
     WorkItem,
     field_path,
@@ -62,6 +68,17 @@ class ImagesRequest(BaseModel):
     cache: Annotated[CachePolicy | None, Field(description="extension: step caching (off, balanced, fast)")] = None
 
 
+class EditsRequest(ImagesRequest):
+    """OpenAI's image edit request (the form's fields but its files); `strength` is this server's extension."""
+
+    size: Annotated[str, Field(pattern=r"^(\d{2,4}x\d{2,4}|auto)$", description="WIDTHxHEIGHT; auto: the image's")] = (
+        "auto"
+    )
+    strength: Annotated[
+        StrictFloat, Field(gt=0.0, le=1.0, description="extension: how much of the schedule redraws the image")
+    ] = 1.0
+
+
 class OpenAIError(Exception):
     """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
@@ -87,7 +104,8 @@ def served_model() -> bentoml.models.Model:
     return bentoml.get_current_service().model
 
 
-def work_items(body: ImagesRequest, rid: str) -> list[WorkItem]:
+def work_items(body: ImagesRequest, rid: str, pictures: dict[str, str] | None = None) -> list[WorkItem]:
+    """The call's items: the generation request (or, with `pictures`, the image request) of each of n seeds."""
     if body.response_format == "url" and bentoml.get_current_service().results is None:
         raise OpenAIError(
             400,
@@ -95,31 +113,24 @@ def work_items(body: ImagesRequest, rid: str) -> list[WorkItem]:
             "response_format",
             "unsupported_value",
         )
-    width, height = map(int, body.size.split("x"))
+    fields = {
+        "prompt": body.prompt,
+        **({} if body.size == "auto" else dict(zip(("width", "height"), map(int, body.size.split("x")), strict=True))),
+        **{name: getattr(body, name) for name in ("steps", "guidance", "seed", "loras", "cache")},
+        "format": body.output_format,
+        "quality": body.output_compression,
+    }
     try:
-        request = GenerationRequest(
-            prompt=body.prompt,
-            width=width,
-            height=height,
-            steps=body.steps,
-            guidance=body.guidance,
-            seed=body.seed,
-            format=body.output_format,
-            quality=body.output_compression,
-            loras=body.loras,
-            cache=body.cache,
-        )
+        if pictures is None:
+            item = WorkItem(**GenerationRequest(**fields).model_dump(), protocol="openai")
+        else:
+            item = ImageRequest(**fields, **pictures, strength=body.strength).work_item(protocol="openai")
     except ValidationError as error:
         first = error.errors()[0]
-        param = param_of(str(first["loc"][0]))
+        param = param_of(str(first["loc"][0])) if first["loc"] else first["msg"].split(":")[0].split()[-1]
         raise OpenAIError(400, f"{param}: {first['msg']}", param, "invalid_value") from None
-    arrived = time.time()
-    return [
-        WorkItem(**request.model_dump(), protocol="openai", request_id=rid, arrived=arrived).model_copy(
-            update={"seed": body.seed + k}
-        )
-        for k in range(body.n)
-    ]
+    item = item.model_copy(update={"request_id": rid, "arrived": time.time()})
+    return [item.model_copy(update={"seed": body.seed + k}) for k in range(body.n)]
 
 
 async def image_data(results: list[Result], body: ImagesRequest, rid: str) -> list[dict]:
@@ -172,6 +183,58 @@ async def generate_images(body: ImagesRequest, request: Request) -> JSONResponse
         return as_openai_error(error, param_of(error.field)).response(rid)
     except OpenAIError as error:
         return error.response(rid)
+
+
+@router.post("/images/edits")
+async def edit_images(request: Request) -> JSONResponse:
+    rid = new_request_id(request.headers.get(REQUEST_ID_HEADER))
+    gateway: Gateway = bentoml.get_current_service().gateway
+    try:
+        body, pictures = await edit_form(request)
+        check_model(body.model)
+        results = await gateway.render_group(work_items(body, rid, pictures), caller_left=request.is_disconnected)
+        return JSONResponse(await images_response(results, body, rid), headers={REQUEST_ID_HEADER: rid})
+    except Rejected as error:
+        return as_openai_error(error, param_of(error.field)).response(rid)
+    except OpenAIError as error:
+        return error.response(rid)
+
+
+async def edit_form(request: Request) -> tuple[EditsRequest, dict[str, str]]:
+    """The form's fields as an EditsRequest, and its files as our `image` and `mask` (base64)."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise OpenAIError(400, "edits take a multipart/form-data body (image, mask, prompt, ...)", None, "invalid_body")
+    form = await request.form()
+    files = {name: await value.read() for name, value in form.multi_items() if hasattr(value, "read")}
+    fields = {name: form_value(name, value) for name, value in form.multi_items() if not hasattr(value, "read")}
+    try:
+        body = EditsRequest.model_validate(fields)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = field_path(first["loc"]) or None
+        raise OpenAIError(400, f"{param}: {first['msg']}", param, "invalid_value") from None
+    image = files.get("image", files.get("image[]"))
+    if image is None:
+        raise OpenAIError(400, "image: an image file is required", "image", "invalid_value")
+    try:
+        mask = transparent_as_mask(files.get("mask") or image, required="mask" in files)
+    except PictureError as error:
+        param = "mask" if "mask" in files else "image"
+        raise OpenAIError(400, f"{param}: {error}", param, "invalid_value") from None
+    pictures = {"image": base64.b64encode(image).decode()}
+    return body, pictures | ({"mask": base64.b64encode(mask).decode()} if mask else {})
+
+
+FORM_TYPES = {"n": int, "steps": int, "seed": int, "output_compression": int, "guidance": float, "strength": float}
+
+
+def form_value(name: str, text: str):
+    """A form field (always text) as the request's type: numbers parsed, `loras` as JSON; what does not parse
+    stays text, for validation to name."""
+    try:
+        return json.loads(text) if name == "loras" else FORM_TYPES.get(name, str)(text)
+    except ValueError:
+        return text
 
 
 def check_model(name: str | None) -> None:

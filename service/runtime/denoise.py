@@ -24,9 +24,9 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
-from service.pictures import read_image, read_mask
+from service.pictures import MAX_SIDE, read_image, read_mask
 from service.runtime.blocks import Rows
-from service.schema import MAX_SIDE, Conditioning
+from service.schema import Conditioning
 
 
 @dataclass
