@@ -16,8 +16,10 @@ from PIL import Image
 from service.client import FluxClient, FluxGrpcClient
 from service.fronts.stubs import SERVICE_NAME, messages
 from service.launcher import running_server, start_server, stop, wait_ready
+from service.pictures import png
 from service.schema import GenerationRequest
 from tests.conftest import free_port, private_home
+from tests.test_images_in import b64
 
 SMALL = dict(width=128, height=128, steps=2)
 
@@ -322,3 +324,27 @@ def test_overload_says_what_happened_and_when_to_retry_on_every_protocol(impatie
         assert "overloaded" in message and "send it again in 2 s" in message, message
         assert "unexpected error" not in message and retry_after == "2", (message, retry_after)
     assert any('"code":"queue_full"' in text.replace(" ", "") for _, text, _ in answers[1::3]), answers[1::3]
+
+
+def test_an_image_request_over_grpc_renders_the_bytes_of_img2img(servers):
+    """Images in on gRPC: the picture's file bytes in the message, the same image as POST /img2img."""
+    picture = png(Image.radial_gradient("L").resize((128, 128)).convert("RGB"))
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (0, 0, 64, 64))
+    fields = {"prompt": "a fox", "steps": 4, "seed": 3, "strength": 0.3}
+    reply = FluxGrpcClient(servers[1]).stub.Generate(
+        messages.GenerateRequest(**fields, image=picture, mask=png(mask)), timeout=120
+    )
+    http = httpx.post(
+        f"{servers[0]}/img2img", json={**fields, "image": b64(picture), "mask": b64(png(mask))}, timeout=120
+    )
+    assert http.status_code == 200, http.text
+    assert reply.image == http.content and Image.open(io.BytesIO(reply.image)).size == (128, 128)
+    for message, field in (
+        (messages.GenerateRequest(prompt="fox", image=b"GIF89a"), "image"),
+        (messages.GenerateRequest(prompt="fox", strength=0.5), "image"),
+    ):
+        with pytest.raises(grpc.RpcError) as error:
+            FluxGrpcClient(servers[1]).stub.Generate(message)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.value.details().startswith(f"{field}:"), error.value.details()

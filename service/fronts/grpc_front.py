@@ -1,6 +1,7 @@
 """The gRPC front: flux.v1.TextToImage, health and reflection, over the same gateway as HTTP."""
 
 import asyncio
+import base64
 import time
 
 import grpc
@@ -16,7 +17,7 @@ from service.fronts.stubs import JOBS_SERVICE_NAME, SERVICE_NAME, messages, serv
 from service.gateway import Gateway, Rejected, over_in_flight
 from service.observe import REQUEST_ID_HEADER, logger, new_request_id, request_id
 from service.runtime.result import Result
-from service.schema import GenerationRequest, ImageFormat, WorkItem, field_path
+from service.schema import GenerationRequest, ImageFormat, ImageRequest, WorkItem, field_path
 from service.settings import Settings
 
 PROGRESS_POLL_S = 0.2
@@ -53,18 +54,34 @@ def request_fields(request) -> dict:
     return fields | {"format": FORMATS[request.format], "loras": loras}
 
 
+def picture_fields(request) -> dict[str, str | float] | None:
+    """The image request's fields (pictures as base64, as in JSON), or None for text-to-image."""
+    if not request.HasField("image"):
+        if request.HasField("mask") or request.HasField("strength"):
+            raise Rejected("refused", "image: mask and strength need an image")
+        return None
+    fields: dict[str, str | float] = {"image": base64.b64encode(request.image).decode()}
+    if request.HasField("mask"):
+        fields["mask"] = base64.b64encode(request.mask).decode()
+    if request.HasField("strength"):
+        fields["strength"] = round(request.strength, 6)  # float32 on the wire: 0.3 arrives as 0.30000001
+    return fields
+
+
 def work_item(request, rid: str, context) -> WorkItem:
     """The gRPC message as the worker's request."""
-    fields = request_fields(request)
+    fields, pictures = request_fields(request), picture_fields(request)
     remaining = context.time_remaining()
+    call = {
+        "protocol": "grpc",
+        "request_id": rid,
+        "arrived": time.time(),
+        "deadline": time.time() + remaining if remaining is not None else None,
+    }
     try:
-        return WorkItem(
-            **fields,
-            protocol="grpc",
-            request_id=rid,
-            arrived=time.time(),
-            deadline=time.time() + remaining if remaining is not None else None,
-        )
+        if pictures is None:
+            return WorkItem(**fields, **call)
+        return ImageRequest(**fields, **pictures).work_item(**call)
     except ValidationError as error:
         raise Rejected("refused", describe(error)) from None
 
