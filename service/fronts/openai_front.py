@@ -205,7 +205,10 @@ async def edit_form(request: Request) -> tuple[EditsRequest, dict[str, str]]:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise OpenAIError(400, "edits take a multipart/form-data body (image, mask, prompt, ...)", None, "invalid_body")
     form = await request.form()
-    files = {name: await value.read() for name, value in form.multi_items() if hasattr(value, "read")}
+    uploads = [(name, value) for name, value in form.multi_items() if hasattr(value, "read")]
+    if sum(name in ("image", "image[]") for name, _ in uploads) > 1:
+        raise OpenAIError(400, "image: one image is taken (FLUX edits one picture)", "image", "invalid_value")
+    files = {name.removesuffix("[]"): await value.read() for name, value in uploads}
     fields = {name: form_value(name, value) for name, value in form.multi_items() if not hasattr(value, "read")}
     try:
         body = EditsRequest.model_validate(fields)
@@ -213,7 +216,7 @@ async def edit_form(request: Request) -> tuple[EditsRequest, dict[str, str]]:
         first = error.errors()[0]
         param = field_path(first["loc"]) or None
         raise OpenAIError(400, f"{param}: {first['msg']}", param, "invalid_value") from None
-    image = files.get("image", files.get("image[]"))
+    image = files.get("image")
     if image is None:
         raise OpenAIError(400, "image: an image file is required", "image", "invalid_value")
     try:
