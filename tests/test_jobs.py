@@ -22,12 +22,16 @@ from service.client import FluxClient, FluxGrpcClient
 from service.fronts.stubs import messages
 from service.jobs.records import Job
 from service.launcher import LocalRedis, local_s3, start_server, stop, wait_ready
+from service.pictures import png
 from service.schema import GenerationRequest
 from tests.conftest import free_port, private_home, run_module
+from tests.test_images_in import b64
 
 SECRET = "test-webhook-secret-0123456789"
 SMALL = {"prompt": "a job", "width": 128, "height": 128, "steps": 2}
 SLOW = {"prompt": "a long job", "width": 1024, "height": 1024, "steps": 40}  # ~0.25 s a step on 2 cores
+PICTURE = b64(png(Image.radial_gradient("L").resize((128, 128)).convert("RGB")))
+MASK_PNG = b64(png(Image.new("L", (128, 128), 255).crop((0, 0, 128, 128))))
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
@@ -152,6 +156,20 @@ def test_a_jobs_result_is_the_synchronous_image(server):
     stored = httpx.get(job["result"]["url"]).content
     direct = httpx.post(f"{url}/txt2img", json={**SMALL, "seed": 7}, timeout=60)
     assert direct.status_code == 200 and stored == direct.content
+
+
+def test_an_image_jobs_result_is_the_img2img_image(server):
+    """An image job: its pictures kept in the results store (not in Redis), its result /img2img's bytes."""
+    url = server[0]
+    fields = {**SMALL, "seed": 5, "image": PICTURE, "mask": MASK_PNG, "strength": 0.5}
+    answer = submit(url, fields, prefer="wait=60")
+    assert answer.status_code == 200 and answer.json()["status"] == "succeeded", answer.text
+    direct = httpx.post(f"{url}/img2img", json=fields, timeout=60)
+    assert direct.status_code == 200 and httpx.get(answer.json()["result"]["url"]).content == direct.content
+    refused = submit(url, {**SMALL, "image": b64(b"GIF89a")})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "image", refused.text
+    refused = submit(url, {**SMALL, "strength": 0.5})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "image", refused.text
 
 
 def test_prefer_wait_returns_the_finished_job_with_where_its_time_went(server):
@@ -316,7 +334,8 @@ def test_a_replica_killed_mid_job_leaves_it_to_another(tiny_int8_tag, backends, 
         for url, process, log in replicas:
             wait_ready(url, process, log, timeout_s=300)
         url = replicas[0][0]
-        job_id = submit(url, {**SLOW, "steps": 24}).json()["id"]
+        image_job = {**SLOW, "steps": 24, "image": PICTURE, "strength": 1.0}  # its picture survives the death
+        job_id = submit(url, image_job).json()["id"]
         until(url, job_id, lambda job: job["status"] == "running" and job["progress"]["step"] >= 1)
         store = redis.Redis.from_url(queue.url, decode_responses=True)
         killed = store.hget(f"flux:job:{job_id}", "consumer")
@@ -328,7 +347,12 @@ def test_a_replica_killed_mid_job_leaves_it_to_another(tiny_int8_tag, backends, 
         job = finished(survivor[0], job_id, timeout_s=180)
         assert job["status"] == "succeeded", job
         assert store.hget(f"flux:job:{job_id}", "consumer") not in ("", killed)
-        assert [key for key in objects(aws) if job_id in key] == [f"jobs/{job_id}.png"]
+        assert sorted(key for key in objects(aws) if job_id in key) == [
+            f"jobs/inputs/{job_id}/image",
+            f"jobs/{job_id}.png",
+        ]
+        direct = httpx.post(f"{survivor[0]}/img2img", json=image_job, timeout=300)
+        assert httpx.get(job["result"]["url"]).content == direct.content
         assert settled(store, "flux:jobs:pair") == 0 and store.xlen("flux:jobs:pair") == 0
         metrics = httpx.get(f"{survivor[0]}/metrics").text
         assert "flux_jobs_reclaimed_total 1.0" in metrics

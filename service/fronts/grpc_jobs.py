@@ -2,7 +2,7 @@
 
 from pydantic import ValidationError
 
-from service.fronts.grpc_front import describe, request_fields
+from service.fronts.grpc_front import describe, picture_fields, request_fields
 from service.fronts.outcomes import grpc_code
 from service.fronts.stubs import messages, services
 from service.gateway import Rejected
@@ -18,6 +18,7 @@ class Jobs(services.JobsServicer):
         try:
             body = JobRequest(
                 **request_fields(request.request),
+                **(picture_fields(request.request) or {}),
                 webhook=request.webhook or None,
                 webhook_events=list(request.webhook_events) or ["completed"],
             )

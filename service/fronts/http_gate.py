@@ -17,7 +17,7 @@ from service.gateway import over_in_flight
 from service.observe import REQUEST_ID_HEADER, logger, new_request_id, request_id
 
 JSON_TYPES = ("application/json",)
-IMAGE_PATHS = frozenset({"/img2img", "/v1/images/edits"})  # routes that take pictures: their own body limit
+IMAGE_PATHS = frozenset({"/img2img", "/v1/images/edits", "/v1/jobs"})  # routes that take pictures: own body limit
 MULTIPART_PATHS = frozenset({"/v1/images/edits"})  # OpenAI's edits take multipart/form-data
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 

@@ -8,13 +8,15 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 
+from pydantic import ValidationError
+
 from service.gateway import Gateway, Rejected
 from service.jobs.queue import JobQueue, QueueDown
 from service.jobs.records import Job, JobRequest
 from service.jobs.results import ResultStore, job_view
 from service.jobs.runner import JobRunner
 from service.jobs.webhooks import Webhooks
-from service.schema import Refused, WorkItem
+from service.schema import Conditioning, GenerationRequest, Refused, field_path
 from service.settings import Settings
 
 WATCH_POLL_S = 0.05  # how often a watcher looks at a job another replica runs (this replica's wake it at once)
@@ -56,21 +58,40 @@ class JobEngine:
 
     async def submit(self, request: JobRequest, idempotency_key: str | None = None) -> Job:
         """Check the request as the synchronous path would, then queue it (or find the key's earlier job)."""
-        generation = request.generation()
         try:
             if request.webhook:
                 self.webhooks.check(str(request.webhook))
+            asked = request.work_item()
         except Refused as error:
             raise Rejected("refused", error.message, error.field) from None
-        item = self.gateway.check([WorkItem(**generation.model_dump())])[0]
+        except ValidationError as error:
+            first = error.errors()[0]
+            field = field_path(first["loc"]) or first["msg"].removeprefix("Value error, ").split(":")[0]
+            raise Rejected("refused", first["msg"].removeprefix("Value error, "), field) from None
+        except ValueError as error:
+            raise Rejected("refused", str(error).split(": ", 1)[1], "image") from None
+        item = self.gateway.check([asked])[0]
+        job_id = uuid.uuid4().hex
+        inputs = await self._store_inputs(job_id, asked.conditioning)
         job = Job(
-            id=uuid.uuid4().hex,
-            request=generation,
+            id=job_id,
+            request=GenerationRequest(**asked.model_dump(include=set(GenerationRequest.model_fields))),
+            inputs=inputs,
+            strength=asked.conditioning.strength if asked.conditioning else None,
             total=item.steps,
             webhook=str(request.webhook or ""),
             webhook_events=request.webhook_events,
         )
         return await self._redis(self.queue.submit(job, idempotency_key))
+
+    async def _store_inputs(self, job_id: str, conditioning: Conditioning | None) -> dict[str, str]:
+        """An image job's pictures, in the results store before the job is queued: a replica that takes the job
+        over reads them from there (they do not live in Redis)."""
+        if conditioning is None:
+            return {}
+        pictures = {"image": conditioning.image_bytes, "mask": conditioning.mask_bytes}
+        stored = {name: data for name, data in pictures.items() if data is not None}
+        return {name: await self.results.put_input(job_id, name, data) for name, data in stored.items()}
 
     async def get(self, job_id: str) -> Job:
         job = await self._redis(self.queue.get(job_id))

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, HttpUrl
 
-from service.schema import GenerationRequest
+from service.schema import DEFAULT_STRENGTH, GenerationRequest, ImageRequest, WorkItem
 
 
 class JobStatus(StrEnum):
@@ -23,7 +23,11 @@ WebhookEvent = Literal["started", "completed"]
 
 
 class JobRequest(GenerationRequest):
-    """The txt2img body, plus where to report the job's end (and optionally its start)."""
+    """The txt2img body (or /img2img's, with `image`), plus where to report the job's end (and its start)."""
+
+    image: Annotated[str | None, Field(description="as /img2img: the input picture, base64 (an image job)")] = None
+    mask: Annotated[str | None, Field(description="as /img2img: white repainted, black kept")] = None
+    strength: Annotated[float | None, Field(description=f"as /img2img (default {DEFAULT_STRENGTH})")] = None
 
     webhook: Annotated[
         HttpUrl | None, Field(description="POSTed the job record, signed (hosts: FLUX_WEBHOOK_HOSTS)")
@@ -32,8 +36,17 @@ class JobRequest(GenerationRequest):
         "completed"
     ]
 
-    def generation(self) -> GenerationRequest:
-        return GenerationRequest(**self.model_dump(exclude={"webhook", "webhook_events"}))
+    def work_item(self) -> WorkItem:
+        """The request as the worker takes it; an image job's pictures checked as /img2img checks them
+        (pydantic's ValidationError otherwise)."""
+        text = self.model_dump(exclude={"webhook", "webhook_events", "image", "mask", "strength"})
+        if self.image is None:
+            if self.mask is not None or self.strength is not None:
+                raise ValueError("image: mask and strength need an image")
+            return WorkItem(**text)
+        unset = {"width", "height"} - self.model_fields_set  # taken from the image, as /img2img does
+        pictures = {"image": self.image, "mask": self.mask, "strength": self.strength or DEFAULT_STRENGTH}
+        return ImageRequest(**{k: v for k, v in text.items() if k not in unset}, **pictures).work_item()
 
 
 class Job(BaseModel):
@@ -44,6 +57,8 @@ class Job(BaseModel):
     step: int = 0
     total: int = 0
     request: GenerationRequest
+    inputs: dict[str, str] = {}  # an image job's pictures ("image", "mask") -> their objects in the results store
+    strength: float | None = None  # an image job's
     webhook: str = ""
     webhook_events: list[WebhookEvent] = ["completed"]
     webhook_sent: bool = False  # the completion webhook was delivered (or given up)
@@ -72,7 +87,7 @@ class Job(BaseModel):
     @classmethod
     def from_hash(cls, fields: dict[str, str]) -> "Job":
         values = {
-            name: json.loads(value) if name in ("request", "webhook_events", "timings_ms") else value
+            name: json.loads(value) if name in ("request", "inputs", "webhook_events", "timings_ms") else value
             for name, value in fields.items()
         }
         values |= {name: values.get(name) == "1" for name in ("webhook_sent", "cancel_requested")}

@@ -25,6 +25,15 @@ class ResultStore:
         await asyncio.to_thread(self.fs.pipe_file, key, data, ContentType=media_type)
         return key
 
+    async def put_input(self, job_id: str, name: str, data: bytes) -> str:
+        """An image job's input picture, kept beside the results until the job's record expires with them."""
+        key = f"{self.root}/inputs/{job_id}/{name}"
+        await asyncio.to_thread(self.fs.pipe_file, key, data)
+        return key
+
+    async def read(self, key: str) -> bytes:
+        return await asyncio.to_thread(self.fs.cat_file, key)
+
     async def presigned(self, key: str) -> tuple[str, float]:
         """A GET URL for the object, and when it stops working (epoch seconds)."""
         url = await asyncio.to_thread(self.fs.url, key, expires=self.url_ttl_s)

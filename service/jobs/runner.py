@@ -2,6 +2,7 @@
 they share batches with direct requests), stores each result, then finishes the record and acknowledges."""
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from service.jobs.results import ResultStore, job_view
 from service.jobs.webhooks import Webhooks
 from service.observe import JOBS_FINISHED, JOBS_PENDING, JOBS_RECLAIMED, JOBS_WAITING, logger, request_id
 from service.runtime.result import Result, Status
-from service.schema import WorkItem
+from service.schema import Conditioning, WorkItem
 from service.settings import Settings
 
 READ_BLOCK_MS = 1000
@@ -165,7 +166,13 @@ class JobRunner:
         return status, {**fields, "timings_ms": json.dumps(timings)}
 
     async def _render_only(self, job: Job) -> tuple[JobStatus, dict]:
-        item = WorkItem(**job.request.model_dump(), protocol="jobs", request_id=job.id, arrived=time.time())
+        item = WorkItem(
+            **job.request.model_dump(),
+            conditioning=await self._conditioning(job),
+            protocol="jobs",
+            request_id=job.id,
+            arrived=time.time(),
+        )
         render = asyncio.ensure_future(self.gateway.render(item))
         cancelled = False
         try:
@@ -183,6 +190,15 @@ class JobRunner:
         if not result.ok:
             return JobStatus.failed, {"outcome": result.status.value, "error": result.reason}
         return JobStatus.succeeded, {"image": result.image, "media_type": result.media_type, "step": job.total}
+
+    async def _conditioning(self, job: Job) -> Conditioning | None:
+        """An image job's pictures, read back from the results store (any replica can run the job; a store that
+        fails leaves the entry pending, taken over later like any unexpected failure)."""
+        if not job.inputs:
+            return None
+        pictures = {name: await self.results.read(key) for name, key in job.inputs.items()}
+        encoded = {name: base64.b64encode(data).decode() for name, data in pictures.items()}
+        return Conditioning.model_construct(**encoded, strength=job.strength, mask=encoded.get("mask"))
 
     async def _watch(self, job: Job, render: asyncio.Future) -> bool:
         """Report progress until the render ends; cancel it when asked (True)."""
