@@ -198,7 +198,7 @@ class JobRunner:
             return None
         pictures = {name: await self.results.read(key) for name, key in job.inputs.items()}
         encoded = {name: base64.b64encode(data).decode() for name, data in pictures.items()}
-        return Conditioning.model_construct(**encoded, strength=job.strength, mask=encoded.get("mask"))
+        return Conditioning.model_construct(image=encoded["image"], mask=encoded.get("mask"), strength=job.strength)
 
     async def _watch(self, job: Job, render: asyncio.Future) -> bool:
         """Report progress until the render ends; cancel it when asked (True)."""
