@@ -8,6 +8,8 @@ per attribute; several objects: per attribute), PSNR and SSIM against the bf16 p
 Also, on bf16: the steps table (the single-object prompts at 1, 2, 4, 8 and 28 steps: adherence, and PSNR against
 28 steps), and diversity (prompts drawn with 8 seeds each: the spread of the objects' centres and half-widths as
 the checker reads them, against the spread of the generator's own pictures of the same captions).
+Images in (bench/images_in.py): on bf16 the img2img curve over strengths; on every recipe inpainting (both
+objects as asked, PSNR outside the mask against the VAE round trip's) and img2img at strength 0.6.
 Writes quality.json, quality.md and sheet.png.
 """
 
@@ -23,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 from rich.console import Console
 
+from bench import images_in
 from bench.gguf import store
 from models.artifact import load_pipeline
 from models.source import load_source_pipeline, resolve_source
@@ -163,6 +166,8 @@ def main() -> None:
     parser.add_argument("--multiples", type=int, default=100, help="held-out prompts of two and three objects")
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--captions", type=int, default=20, help="held-out captions for diversity (×8 seeds)")
+    parser.add_argument("--pairs", type=int, default=40, help="img2img pictures (input scene, asked scene)")
+    parser.add_argument("--repaints", type=int, default=40, help="inpainting cases (held-out objects asked)")
     parser.add_argument("--out", type=Path, default=Path("build/bench-quality"))
     args = parser.parse_args()
     if not args.rows.startswith("bf16"):
@@ -171,14 +176,19 @@ def main() -> None:
     asked = scenes(args.singles, args.multiples)
     prompts = tuple((scene.caption(), seed) for seed, scene in enumerate(asked))
     rows: dict[str, Renders] = {}
-    results = []
+    results, repaints = [], {}
+    pairs, cases = images_in.img2img_pairs(args.pairs), images_in.repaint_cases(args.repaints)
     with tempfile.TemporaryDirectory() as work:
         for row in args.rows.split(","):
             pipe = pipeline_for(row, args.source, Path(work))
             rows[row] = render(pipe, SIZE, STEPS, prompts, batch=50)
             results.append(measure(row, rows[row], next(iter(rows.values())), asked, prompts))
             Console().print(row, {k: round(v, 3) for k, v in results[-1]["single"].items()})
+            repaints[row] = images_in.inpainting(pipe, cases)
+            repaints[row]["img2img_0.6"] = images_in.img2img_curve(pipe, pairs, strengths=(0.6,))[0]
+            Console().print(row, "images in", repaints[row])
             if row == "bf16":
+                curve = images_in.img2img_curve(pipe, pairs)
                 singles = Renders(rows[row].images[: args.singles], rows[row].latents[: args.singles])
                 steps = steps_table(pipe, asked[: args.singles], singles)
                 spreads = diversity(pipe, held_out_prompts(args.captions, things=1, seed=8))
@@ -186,8 +196,10 @@ def main() -> None:
         "recipes": markdown(results, args.singles, args.multiples),
         "steps": steps_markdown(steps),
         "diversity": diversity_markdown(spreads, args.captions),
+        "img2img": images_in.curve_markdown(curve, args.pairs),
+        "inpainting": images_in.inpainting_markdown(repaints, args.repaints),
     }
-    record = {"recipes": results, "steps": steps, "diversity": spreads}
+    record = {"recipes": results, "steps": steps, "diversity": spreads, "img2img": curve, "images_in": repaints}
     (args.out / "quality.json").write_text(json.dumps(record, indent=2))
     (args.out / "quality.md").write_text("\n".join(tables.values()))
     contact_sheet(rows, asked, args.out / "sheet.png")
