@@ -14,7 +14,7 @@ from rich.progress import Progress
 
 from service.fronts.grpc_front import FORMATS, message_limits
 from service.fronts.stubs import messages, services
-from service.schema import GenerationRequest, LoraWeight, field_path
+from service.schema import GenerationRequest, ImageRequest, LoraWeight, field_path
 
 GRPC_FORMATS = {image_format: number for number, image_format in FORMATS.items()}
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -46,6 +46,10 @@ class FluxClient:
     def txt2img(self, request: GenerationRequest) -> bytes:
         """The image's bytes, in the request's format."""
         return self._checked(self.http.post("/txt2img", json=request.model_dump(mode="json"))).content
+
+    def img2img(self, request: ImageRequest) -> bytes:
+        """img2img or inpainting (with a mask): the image's bytes."""
+        return self._checked(self.http.post("/img2img", json=request.model_dump(mode="json"))).content
 
     def _json(self, response: httpx.Response) -> dict:
         return self._checked(response).json()
