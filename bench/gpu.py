@@ -5,7 +5,8 @@ still returns what it measured; a part that fails is recorded with its error and
 1. weights: FLUX.1-dev's real shapes with random weights, built on the device, saved as a diffusers folder;
 2. service: that folder quantized to int8 by `python -m quantize` and served by the real `Flux` service on a
    16 GB budget (`FLUX_GPU_MEMORY_GB=16`): plan, peak memory, s/image at batch 1 and at the plan's batch,
-   4 requests with 4 different LoRA stacks against none;
+   4 requests with 4 different LoRA stacks against none, 4 img2img requests (strength 0.5) and 4 inpainting
+   requests against 4 text-to-image ones (POST /img2img, the picture sent at the full size);
 3. recipes: each recipe's transformer, in-process on the 16 GB budget: peak memory, s/image (the denoising
    steps; T5 and the VAE excluded), the kernel `models/kernels.py` expects and the modules that actually ran;
 4. anchors: diffusers' own pipeline on the same folder and budget: model CPU offload, group offload (with
@@ -15,6 +16,7 @@ still returns what it measured; a part that fails is recorded with its error and
 """
 
 import argparse
+import base64
 import gc
 import json
 import subprocess
@@ -33,6 +35,7 @@ import torch
 import transformers
 from diffusers import FluxPipeline, PipelineQuantizationConfig
 from gguf import GGMLQuantizationType, quants
+from PIL import Image
 
 from bench.report import usd_per_image
 from models.architecture import build_module, build_pipeline
@@ -42,6 +45,7 @@ from models.random_lora import write_diffusers_lora
 from quantize.lora import add_lora
 from quantize.recipes import RECIPES, quantize_model
 from service.launcher import free_port, running_server
+from service.pictures import png
 from service.runtime.device import hold_to_budget, peak_memory
 
 GIB = 1024**3
@@ -174,6 +178,8 @@ def part_service(scale: Scale, device: torch.device, source: Path, work: Path) -
         many = renders(url, scale, largest)
         plain = renders(url, scale, 4)
         stacked = renders(url, scale, 4, loras)
+        half = renders(url, scale, 4, images=pictures_in(scale.size, strength=0.5))
+        repainted = renders(url, scale, 4, images=pictures_in(scale.size, strength=1.0, masked=True))
         info = httpx.post(f"{url}/info", json={}, timeout=60).json()
         metrics = httpx.get(f"{url}/metrics", timeout=60).text
     return {
@@ -186,6 +192,8 @@ def part_service(scale: Scale, device: torch.device, source: Path, work: Path) -
         "plan_batch": largest,
         f"s_per_image_batch_{largest}": round(many, 2),
         "lora_4_stacks_over_none": round(stacked / plain, 3),
+        "img2img_0.5_over_text": round(half / plain, 3),
+        "inpainting_over_text": round(repainted / plain, 3),
         "oom_splits": sum(
             float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("flux_oom_splits_total")
         ),
@@ -203,11 +211,24 @@ def stored_loras(tag: str, scale: Scale, work: Path) -> list[str]:
     return names
 
 
-def renders(url: str, scale: Scale, count: int, loras: list[str] | None = None) -> float:
-    """Seconds per image for `count` concurrent requests (each with its own LoRA when given)."""
+def pictures_in(size: int, strength: float, masked: bool = False) -> dict:
+    """/img2img's picture fields: a `size`² picture (and the top left quarter masked), at `strength`."""
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    fields = {"image": base64.b64encode(png(picture)).decode(), "strength": strength}
+    if masked:
+        mask = Image.new("L", (size, size), 0)
+        mask.paste(255, (0, 0, size // 2, size // 2))
+        fields["mask"] = base64.b64encode(png(mask)).decode()
+    return fields
+
+
+def renders(url: str, scale: Scale, count: int, loras: list[str] | None = None, images: dict | None = None) -> float:
+    """Seconds per image for `count` concurrent requests (each with its own LoRA when given; img2img or
+    inpainting with `images`, /img2img's picture fields)."""
 
     def one(i: int) -> None:
         body = {
+            **(images or {}),
             "prompt": f"gpu check {i}",
             "width": scale.size,
             "height": scale.size,
@@ -215,7 +236,7 @@ def renders(url: str, scale: Scale, count: int, loras: list[str] | None = None) 
             "seed": i,
             "loras": [{"name": loras[i % len(loras)]}] if loras else [],
         }
-        httpx.post(f"{url}/txt2img", json=body, timeout=1200).raise_for_status()
+        httpx.post(f"{url}/{'img2img' if images else 'txt2img'}", json=body, timeout=1200).raise_for_status()
 
     started = time.perf_counter()
     with ThreadPoolExecutor(count) as pool:
