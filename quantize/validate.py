@@ -10,7 +10,7 @@ from PIL import Image
 from pydantic import BaseModel
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from models.architecture import vae_in_float32, pipeline_variant
+from models.architecture import pipeline_variant, vae_in_float32
 from models.toy.scenes import held_out_prompts
 
 PROMPTS = (
