@@ -20,7 +20,7 @@ from rich.progress import Progress
 
 from models.architecture import build_pipeline
 from models.artifact import hash_files
-from models.toy.scenes import SIDE, STYLES, Scene, sample_scene
+from models.toy.scenes import STYLES, Scene, sample_scene
 
 PRESET = "toy"
 LATENT_SIDE = 16  # 64² pictures, 4× down in the VAE
@@ -45,24 +45,11 @@ def pixels(scenes: list[Scene], style: str | None = None) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
 
 
-OBJECT_WEIGHT = 8.0  # of an object's pixels (VAE) and image tokens (transformer) in the loss, the background's 1
-
-
-def object_weight(images: torch.Tensor) -> torch.Tensor:
-    """1 on the background (near the top-left pixel's colour: its light varies a little), OBJECT_WEIGHT on the
-    objects: they cover a few per cent of a picture, and a plain L1 loss learns the background alone first."""
+def object_weight(images: torch.Tensor, weight: float = 8.0) -> torch.Tensor:
+    """1 on the background (near the top-left pixel's colour: its light varies a little), `weight` on the objects:
+    they cover a few per cent of a picture, and a plain L1 loss learns the background alone first."""
     background = (images - images[:, :, :1, :1]).abs().amax(1, keepdim=True) < 0.3
-    return torch.where(background, 1.0, OBJECT_WEIGHT)
-
-
-def token_weight(scenes: list[Scene]) -> torch.Tensor:
-    """Per image token (an 8×8-pixel patch, in the pipeline's packing order), OBJECT_WEIGHT where an object covers
-    a pixel of it, else 1: a shape's outline is a small share of a picture's flow error, and with many pictures
-    per caption the shapes' average is soft, so the plain loss spends the transformer on backgrounds."""
-    patch = SIDE // (LATENT_SIDE // 2)
-    covered = np.stack([np.logical_or.reduce([thing.mask() for thing in scene.things]) for scene in scenes])
-    tokens = covered.reshape(len(scenes), SIDE // patch, patch, SIDE // patch, patch).any(axis=(2, 4))
-    return torch.from_numpy(np.where(tokens.reshape(len(scenes), -1, 1), OBJECT_WEIGHT, 1.0).astype(np.float32))
+    return torch.where(background, 1.0, weight)
 
 
 KL_WEIGHT = 1e-3  # of the posterior's KL divergence per latent element, in the VAE's loss
@@ -117,15 +104,14 @@ def posterior_figures(vae, scenes: list[Scene], generator: torch.Generator) -> d
 
 @torch.no_grad()
 def encode(pipe: FluxPipeline, scenes: list[Scene], style: str | None = None) -> dict[str, torch.Tensor]:
-    """Normalized, packed latents, their tokens' weights and both text encodings, in chunks."""
-    parts: dict[str, list[torch.Tensor]] = {"latents": [], "weights": [], "prompt_embeds": [], "pooled": []}
+    """Normalized, packed latents and both text encodings, in chunks."""
+    parts: dict[str, list[torch.Tensor]] = {"latents": [], "prompt_embeds": [], "pooled": []}
     vae = pipe.vae.config
     for start in range(0, len(scenes), 500):
         chunk = scenes[start : start + 500]
         latents = pipe.vae.encode(pixels(chunk, style)).latent_dist.mode()
         latents = (latents - vae.shift_factor) * vae.scaling_factor
         parts["latents"].append(pipe._pack_latents(latents, len(chunk), 16, LATENT_SIDE, LATENT_SIDE))
-        parts["weights"].append(token_weight(chunk))
         embeds, pooled, _ = pipe.encode_prompt(
             [scene.caption() for scene in chunk], None, max_sequence_length=pipe.tokenizer_2.model_max_length
         )
@@ -135,8 +121,7 @@ def encode(pipe: FluxPipeline, scenes: list[Scene], style: str | None = None) ->
 
 
 def flow_loss(transformer, data: dict[str, torch.Tensor], index: torch.Tensor, generator: torch.Generator):
-    """FLUX's rectified flow: the transformer predicts noise − data at a point between them, the error weighted
-    toward the objects' tokens (`token_weight`: the best prediction of each token is unchanged). Half the batch at
+    """FLUX's rectified flow: the transformer predicts noise − data at a point between them. Half the batch at
     the schedule's shifted timesteps (logit-normal, shifted as the pipeline shifts its image tokens), half
     uniform: a caption has many pictures, and their edges form at low noise, which the shifted ones rarely
     reach."""
@@ -158,7 +143,7 @@ def flow_loss(transformer, data: dict[str, torch.Tensor], index: torch.Tensor, g
         img_ids=FluxPipeline._prepare_latent_image_ids(batch, LATENT_SIDE // 2, LATENT_SIDE // 2, "cpu", torch.float32),
         return_dict=False,
     )[0]
-    return ((prediction - (noise - latents)).pow(2) * data["weights"][index]).mean()
+    return (prediction - (noise - latents)).pow(2).mean()
 
 
 def shift_mu(seq_len: int = IMAGE_TOKENS) -> float:
