@@ -130,27 +130,33 @@ def test_prompt_cache_stays_within_its_byte_limit(tiny_pipe):
 
 
 class OutOfMemoryAbove:
-    """A pipeline that runs out of memory above `limit` images per call, as a small GPU would: each failing
-    attempt first allocates activations, held by its frame, like a real forward pass."""
+    """The renderer's denoising loop running out of memory above `limit` rows per call, as a small GPU would:
+    each failing attempt first allocates activations, held by its frame, like a real forward pass."""
 
-    def __init__(self, pipe, limit: int) -> None:
-        self.pipe, self.limit, self.batches = pipe, limit, []
+    def __init__(self, renderer: Renderer, limit: int) -> None:
+        self.denoiser, self.limit, self.batches = renderer.denoiser, limit, []
         self.activations: list[weakref.ref] = []  # of every failed attempt's tensor
         self.alive_at_retry: list[bool] = []  # was the previous failed attempt's tensor still alive at each retry?
+        renderer.denoiser = self
 
-    def __call__(self, **kwargs):
+    def run(self, starts, *args, **kwargs):
         if self.activations:
             gc.collect()  # only what is unreachable goes; a tensor held by a live traceback stays
             self.alive_at_retry.append(self.activations[-1]() is not None)
-        self.batches.append(len(kwargs["prompt_embeds"]))
-        if len(kwargs["prompt_embeds"]) > self.limit:
-            activations = torch.empty(len(kwargs["prompt_embeds"]), 1 << 20)  # 4 MiB per image
+        self.batches.append(len(starts))
+        if len(starts) > self.limit:
+            activations = torch.empty(len(starts), 1 << 20)  # 4 MiB per image
             self.activations.append(weakref.ref(activations))
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return self.pipe(**kwargs)
+        return self.denoiser.run(starts, *args, **kwargs)
 
     def __getattr__(self, name):
-        return getattr(self.pipe, name)
+        return getattr(self.denoiser, name)
+
+
+def flaky_renderer(pipe, limit: int) -> tuple[Renderer, OutOfMemoryAbove]:
+    renderer = Renderer(pipe, Placement.resident(torch.device("cpu")))
+    return renderer, OutOfMemoryAbove(renderer, limit)
 
 
 def images(results) -> list[bytes]:
@@ -159,35 +165,34 @@ def images(results) -> list[bytes]:
 
 def test_out_of_memory_splits_the_batch_and_still_gives_the_same_images(tiny_pipe):
     expected = Renderer(tiny_pipe, Placement.resident(torch.device("cpu"))).render(requests(*"abcde"))
-    flaky = OutOfMemoryAbove(tiny_pipe, limit=2)
-    renderer = Renderer(flaky, Placement.resident(torch.device("cpu")))
+    renderer, flaky = flaky_renderer(tiny_pipe, limit=2)
     assert images(renderer.render(requests(*"abcde"))) == images(expected)
     assert flaky.batches == [5, 2, 3, 1, 2]  # 5 fails; halves 2 and 3; 3 fails; halves 1 and 2
 
 
 def test_a_failed_attempts_tensors_are_freed_before_the_retry(tiny_pipe):
     """Recovery runs outside the except clause: the traceback no longer pins the failed attempt's frames."""
-    flaky = OutOfMemoryAbove(tiny_pipe, limit=1)
-    Renderer(flaky, Placement.resident(torch.device("cpu"))).render(requests(*"abcd"))
+    renderer, flaky = flaky_renderer(tiny_pipe, limit=1)
+    renderer.render(requests(*"abcd"))
     assert flaky.alive_at_retry and not any(flaky.alive_at_retry), flaky.alive_at_retry
 
 
 def test_what_fails_alone_is_does_not_fit_and_the_renderer_keeps_working(tiny_pipe):
-    renderer = Renderer(OutOfMemoryAbove(tiny_pipe, limit=0), Placement.resident(torch.device("cpu")))
+    renderer, flaky = flaky_renderer(tiny_pipe, limit=0)
     results = renderer.render(requests("too big", "also"))
     assert [r.status for r in results] == [Status.does_not_fit] * 2
     assert "does not fit in device memory even alone" in results[0].message
-    renderer.pipe.limit = 8
+    flaky.limit = 8
     assert renderer.render(requests("fits"))[0].image[:4] == b"\x89PNG"
 
 
 def test_cancelled_and_out_of_memory_are_different_outcomes(tiny_pipe):
-    renderer = Renderer(OutOfMemoryAbove(tiny_pipe, limit=1), Placement.resident(torch.device("cpu")))
+    renderer, flaky = flaky_renderer(tiny_pipe, limit=1)
     items = requests("left", "stays", "too")
     for index, item in enumerate(items):
         item.request_id = f"r{index}"
     renderer.board.cancel("r0")
-    renderer.pipe.limit = 0
+    flaky.limit = 0
     assert [r.status for r in renderer.render(items)] == [Status.cancelled, Status.does_not_fit, Status.does_not_fit]
 
 

@@ -152,12 +152,12 @@ def test_a_body_that_is_not_json_is_a_415(server, path, body, content_type):
 def test_a_body_over_the_limit_is_a_413_before_it_is_read(server):
     prompt = "x" * (64 * 1024)  # FLUX_MAX_BODY_KB: 64
     response = httpx.post(f"{server}/txt2img", json={"prompt": prompt}, timeout=60)
-    assert response.status_code == 413 and "over this server's 65536" in response.text
+    assert response.status_code == 413 and "over this route's 65536" in response.text
 
     def chunks():  # no content-length: the limit is counted as the body arrives
         yield from [b'{"prompt": "' + b"x" * 16384] * 8
 
-    chunked = httpx.post(f"{server}/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
+    chunked = httpx.post(f"{server}/txt2img", content=chunks(), headers={"content-type": "application/json"})
     assert chunked.status_code == 413, chunked.text
     assert_png(txt2img(server, prompt="still here", **SMALL), (128, 128))
 

@@ -157,8 +157,9 @@ def test_each_row_decides_from_its_own_residuals():
 
 def test_an_out_of_memory_split_keeps_every_items_bytes(toy_pipe, outlined):
     expected = [result.image for result in renderer_for(toy_pipe, outlined).render(MIXED)]
-    flaky = OutOfMemoryAbove(toy_pipe, limit=2)
-    assert [result.image for result in renderer_for(flaky, outlined).render(MIXED)] == expected
+    renderer = renderer_for(toy_pipe, outlined)
+    flaky = OutOfMemoryAbove(renderer, limit=2)
+    assert [result.image for result in renderer.render(MIXED)] == expected
     assert flaky.batches == [4, 2, 2]
 
 

@@ -76,7 +76,7 @@ class Job(BaseModel):
 
     def to_hash(self) -> dict[str, str]:
         """Every field as a string, the way a Redis hash holds it."""
-        values = self.model_dump(mode="json")
+        values = self.model_dump(mode="json", exclude_none=True)  # a text job has no strength: no field
         return {
             name: json.dumps(value)
             if isinstance(value, (dict, list))

@@ -159,3 +159,23 @@ def never_alone(forward: Callable, **inputs):
     doubled = {name: torch.cat([value, value]) if name in BATCHED else value for name, value in inputs.items()}
     outputs = forward(**doubled)
     return tuple(output[:1] for output in outputs) if isinstance(outputs, tuple) else outputs[:1]
+
+
+def modulation_row_by_row(transformer: torch.nn.Module) -> None:
+    """Every Linear given one row per image (the modulation and embedding layers: 2-D inputs, batch × features)
+    computes each image's row on its own, as two rows (the row twice), and keeps the first. On CPUs without
+    native bf16 such a matmul rounds differently with its number of rows (one row takes a matrix-vector path;
+    2 and 4 rows differ too), so an image alone would differ from the same image in a batch. The token layers
+    (batch × tokens rows) keep one call."""
+    if getattr(transformer, "modulation_row_by_row", False):  # a second renderer on the same pipeline
+        return
+    transformer.modulation_row_by_row = True
+    for module in transformer.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.forward = partial(row_by_row, module.forward)
+
+
+def row_by_row(forward: Callable, inputs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if inputs.dim() != 2:
+        return forward(inputs, *args, **kwargs)
+    return torch.cat([forward(torch.cat([row, row]), *args, **kwargs)[:1] for row in inputs.split(1)])

@@ -25,7 +25,7 @@ from service.observe import (
     request_id,
 )
 from service.runtime.adapters import AdapterCache, stacks_applied
-from service.runtime.blocks import RowCache, Rows, compile_blocks, step_cache
+from service.runtime.blocks import RowCache, Rows, compile_blocks, modulation_row_by_row, step_cache
 from service.runtime.board import Board
 from service.runtime.denoise import Denoiser, Start
 from service.runtime.imaging import MEDIA_TYPES, encode_image
@@ -86,6 +86,7 @@ class Renderer:
         self.adapters, self.step_cache, self.compiled = adapters, step_cache, False
         self.variant, self.denoiser = pipeline_variant(pipe), Denoiser(pipe)
         placement.apply(pipe)
+        modulation_row_by_row(pipe.transformer)
         if placement.device.type == "cpu" or pipe.vae.dtype == torch.float16:  # no fast bf16 / fp16 range
             vae_in_float32(pipe.vae)
         pipe.set_progress_bar_config(disable=True)
