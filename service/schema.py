@@ -5,6 +5,7 @@ import binascii
 import re
 import unicodedata
 from enum import StrEnum
+from functools import cached_property
 from typing import Annotated
 
 from pydantic import (
@@ -13,6 +14,7 @@ from pydantic import (
     Field,
     StrictFloat,
     StrictInt,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -28,6 +30,14 @@ DEFAULT_STRENGTH = 0.8  # of an image request that leaves it unset (Replicate's 
 def field_path(location: tuple) -> str:
     """A pydantic error location as the request spells it: ("loras", 1, "name") -> "loras[1].name"."""
     return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
+
+
+def first_problem(error: ValidationError) -> tuple[str, str]:
+    """The first error of `error` as (field, message). A check of the whole request (a mask's size against its
+    image's) has no location; its message starts with the field it names ("mask: ...")."""
+    first = error.errors()[0]
+    message = first["msg"].removeprefix("Value error, ")
+    return field_path(first["loc"]) or message.split(":")[0], message
 
 
 def check_prompt(prompt: str) -> str:
@@ -198,7 +208,7 @@ class Conditioning(BaseModel):
             raise ValueError(f"mask: {size[0]}x{size[1]} is not the image's size, {self.size[0]}x{self.size[1]}")
         return self
 
-    @property
+    @cached_property
     def image_bytes(self) -> bytes:
         return picture_bytes(self.image)
 
@@ -206,7 +216,7 @@ class Conditioning(BaseModel):
     def mask_bytes(self) -> bytes | None:
         return None if self.mask is None else picture_bytes(self.mask)
 
-    @property
+    @cached_property
     def size(self) -> tuple[int, int]:
         """The image's (width, height), as shown."""
         return picture_size(self.image_bytes, MAX_SIDE)

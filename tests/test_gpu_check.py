@@ -2,12 +2,15 @@
 
 import json
 
+import pytest
+
 from bench.gpu import ANCHORS, RECIPE_ROWS
 from tests.conftest import run_module
 
 PARTS = ["machine", "weights", "service", "recipes", "anchors", "schnell", "lora_and_cache", "cost"]
 
 
+@pytest.mark.slow  # over a minute: every part of the GPU check, on CPU
 def test_the_dry_run_writes_every_part_of_the_report(tmp_path):
     result = run_module("bench.gpu", "--dry-run", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]

@@ -26,6 +26,7 @@ from tests.test_images_in import REFUSED, b64
 JSON = {"Content-Type": "application/json"}
 
 SCENES = held_out_prompts(20, things=1, seed=5)  # combinations training never drew
+FEWER = SCENES[:8]  # for checks that each picture changes, not how often it is right
 # The floor: 85 % of the prompts drawn entirely as asked (bench.quality: int8 draws about 95 % of 200),
 # colour, place and background nearly always; a muted text path fails all of them.
 MIN_ALL, MIN_READ = 0.85, 0.95
@@ -94,8 +95,8 @@ def test_held_out_prompts_are_drawn_as_asked_through_the_openai_api_four_at_a_ti
         return [Image.open(io.BytesIO(base64.b64decode(image.b64_json))) for image in response.data]
 
     with ThreadPoolExecutor(2) as pool:
-        images = [image for group in pool.map(four, range(len(SCENES))) for image in group]
-    shares = adherence([scene for scene in SCENES for _ in range(4)], images)
+        images = [image for group in pool.map(four, range(len(SCENES) // 2)) for image in group]
+    shares = adherence([scene for scene in SCENES[: len(SCENES) // 2] for _ in range(4)], images)
     assert drawn_as_asked(shares), shares
 
 
@@ -110,14 +111,14 @@ def test_the_adapters_are_mixed_in_one_batch_and_scale_zero_is_the_base(toy_serv
         ("outlined", "pastel"): [{"name": "outlined"}, {"name": "pastel"}],
         "outlined at 0": [{"name": "outlined", "scale": 0.0}],
     }
-    jobs = [(name, index) for index in range(len(SCENES)) for name in stacks]
+    jobs = [(name, index) for index in range(len(FEWER)) for name in stacks]
     before = batch_histogram(httpx.get(f"{toy_server}/metrics").text)
 
     def draw(job: tuple) -> bytes:
         name, index = job
         response = httpx.post(
             f"{toy_server}/txt2img",
-            json={**SIZE, "prompt": SCENES[index].caption(), "seed": index, "loras": stacks[name]},
+            json={**SIZE, "prompt": FEWER[index].caption(), "seed": index, "loras": stacks[name]},
             timeout=300,
         )
         assert response.status_code == 200, response.text
@@ -128,8 +129,8 @@ def test_the_adapters_are_mixed_in_one_batch_and_scale_zero_is_the_base(toy_serv
     after = batch_histogram(httpx.get(f"{toy_server}/metrics").text)
     assert after[float("inf")] - before.get(float("inf"), 0) > after[1.0] - before.get(1.0, 0), "no batch mixed them"
     for name in list(stacks)[1:4]:
-        assert all(drawn[name, index] != drawn[(), index] for index in range(len(SCENES))), name
-    assert all(drawn["outlined at 0", index] == drawn[(), index] for index in range(len(SCENES)))
+        assert all(drawn[name, index] != drawn[(), index] for index in range(len(FEWER))), name
+    assert all(drawn["outlined at 0", index] == drawn[(), index] for index in range(len(FEWER)))
 
 
 def test_the_gate_refuses_an_artifact_that_ignores_its_prompt(tmp_path):

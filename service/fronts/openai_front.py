@@ -35,6 +35,7 @@ from service.schema import (
     LoraWeight,
     WorkItem,
     field_path,
+    first_problem,
 )
 
 OWNER = "flux-serve"
@@ -126,9 +127,9 @@ def work_items(body: ImagesRequest, rid: str, pictures: dict[str, str] | None = 
         else:
             item = ImageRequest(**fields, **pictures, strength=body.strength).work_item(protocol="openai")
     except ValidationError as error:
-        first = error.errors()[0]
-        param = param_of(str(first["loc"][0])) if first["loc"] else first["msg"].split(":")[0].split()[-1]
-        raise OpenAIError(400, f"{param}: {first['msg']}", param, "invalid_value") from None
+        field, message = first_problem(error)
+        param = param_of(field.split(".")[0].split("[")[0])
+        raise OpenAIError(400, f"{param}: {message}", param, "invalid_value") from None
     item = item.model_copy(update={"request_id": rid, "arrived": time.time()})
     return [item.model_copy(update={"seed": body.seed + k}) for k in range(body.n)]
 
@@ -213,9 +214,8 @@ async def edit_form(request: Request) -> tuple[EditsRequest, dict[str, str]]:
     try:
         body = EditsRequest.model_validate(fields)
     except ValidationError as error:
-        first = error.errors()[0]
-        param = field_path(first["loc"]) or None
-        raise OpenAIError(400, f"{param}: {first['msg']}", param, "invalid_value") from None
+        param, message = first_problem(error)
+        raise OpenAIError(400, f"{param}: {message}", param, "invalid_value") from None
     image = files.get("image")
     if image is None:
         raise OpenAIError(400, "image: an image file is required", "image", "invalid_value")

@@ -16,7 +16,7 @@ from service.jobs.records import Job, JobRequest
 from service.jobs.results import ResultStore, job_view
 from service.jobs.runner import JobRunner
 from service.jobs.webhooks import Webhooks
-from service.schema import Conditioning, GenerationRequest, Refused, field_path
+from service.schema import Conditioning, GenerationRequest, Refused, first_problem
 from service.settings import Settings
 
 WATCH_POLL_S = 0.05  # how often a watcher looks at a job another replica runs (this replica's wake it at once)
@@ -65,9 +65,8 @@ class JobEngine:
         except Refused as error:
             raise Rejected("refused", error.message, error.field) from None
         except ValidationError as error:
-            first = error.errors()[0]
-            field = field_path(first["loc"]) or first["msg"].removeprefix("Value error, ").split(":")[0]
-            raise Rejected("refused", first["msg"].removeprefix("Value error, "), field) from None
+            field, message = first_problem(error)
+            raise Rejected("refused", message, field) from None
         except ValueError as error:
             raise Rejected("refused", str(error).split(": ", 1)[1], "image") from None
         item = self.gateway.check([asked])[0]
