@@ -29,7 +29,7 @@ from service.runtime.placement import Placement
 from service.runtime.prompts import PromptCache
 from service.runtime.render import Renderer
 from service.schema import GenerationRequest, WorkItem
-from service.settings import Settings
+from service.settings import Settings, bucket_of
 
 TARGET_RATIO = 1.10
 
@@ -63,7 +63,7 @@ def lone_requests(client: FluxGrpcClient, request: GenerationRequest, count: int
 def measure(args: argparse.Namespace) -> dict:
     request = GenerationRequest(prompt="a lone request", width=args.size, height=args.size, steps=args.steps)
     render_s = in_process_seconds(args.artifact, request, args.repeats)
-    bound_s = Settings().wait_ms(Placement.bucket(args.size)) / 1000
+    bound_s = Settings().wait_ms(bucket_of(args.size)) / 1000
     grpc_target = f"127.0.0.1:{free_port()}"
     env = {"FLUX_ARTIFACT": args.artifact, "FLUX_GRPC_ADDRESS": grpc_target}
     with running_server(free_port(), args.out / "queue-server.log", env) as url:

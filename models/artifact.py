@@ -19,9 +19,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from pydantic import BaseModel
 from transformers import AutoConfig, CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from models.architecture import VARIANTS, Variant
 from models.backends import BACKENDS, rebuild
 from models.tensors import INDEX, read_shards
+from models.variants import VARIANTS, Variant
 
 SCHEMA_VERSION = 2  # 2: every module component in shards; bitsandbytes backend
 MANIFEST = "manifest.json"

@@ -17,10 +17,10 @@ from diffusers import FluxPipeline
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-from models.architecture import Variant, variant_of
 from models.gguf_file import GGUFTransformer
 from models.single_file import SingleFileTransformer
 from models.tensors import TensorFiles
+from models.variants import Variant, variant_of
 
 DEFAULT_BASE = "black-forest-labs/FLUX.1-dev"
 

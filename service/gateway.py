@@ -8,9 +8,9 @@ from http import HTTPStatus
 import aiohttp
 
 from service.observe import IN_FLIGHT, REFUSALS, REQUESTS, logger, request_id
-from service.runtime.placement import Placement
 from service.runtime.result import Result, Status, failure
 from service.schema import Limits, Refused, WorkItem
+from service.settings import bucket_of
 
 POLL_S = 0.1  # how often a waiting call checks that its caller is still there
 # Raised before the request reached the worker: safe to send again. Anything later (the worker closed the
@@ -113,7 +113,7 @@ class Gateway:
 
     async def _follow(self, items: list[WorkItem], caller_left) -> list[Result]:
         rid = items[0].request_id
-        generate = getattr(self.worker.to_async, f"generate_{Placement.bucket(items[0].side)}")
+        generate = getattr(self.worker.to_async, f"generate_{bucket_of(items[0].side)}")
         call = asyncio.ensure_future(call_worker(generate, items))
         IN_FLIGHT.inc()
         self.in_flight += 1

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from models.architecture import VARIANTS, Variant
+from models.variants import VARIANTS, Variant
 from service.pictures import MAX_SIDE, PictureError, picture_size, read_image, read_mask
 
 MAX_PROMPT_CHARS = 2000  # FLUX.1-dev's T5 reads 512 tokens; longer prompts are refused, not silently cut

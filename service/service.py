@@ -1,13 +1,12 @@
 """BentoML services: a batching FLUX worker (one queue per resolution bucket), and the front that serves
-it over HTTP and gRPC. Nothing heavy happens at import: the artifact is read and the device queried when
-the worker starts."""
+it over HTTP and gRPC. Nothing heavy happens at import: torch and diffusers are loaded, the artifact read and
+the device queried only when the worker starts (service/runtime/engine.py), so the arbiter and the front
+processes start in about a second."""
 
 import asyncio
-import json
 import os
 import signal
 import time
-from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -15,10 +14,6 @@ import bentoml
 from bentoml._internal.configuration.containers import BentoMLContainer
 from starlette.responses import JSONResponse, Response
 
-from models.artifact import load_pipeline, read_manifest
-from models.kernels import choose_dtype, kernel_note, refusal, runnable
-from models.lora import architecture_id
-from models.sizes import module_bytes
 from service.drain import DRAIN, CountInFlight
 from service.fronts.auth import BearerAuth
 from service.fronts.grpc_front import GrpcFront
@@ -31,27 +26,12 @@ from service.jobs.engine import JobEngine
 from service.jobs.results import ResultStore
 from service.observe import BATCHES, REQUEST_ID_HEADER, logger, new_request_id
 from service.runtime import batching
-from service.runtime.adapters import AdapterCache
-from service.runtime.blocks import COMPILED_RECIPES, THRESHOLDS
-from service.runtime.board import Board
-from service.runtime.device import (
-    capability_of,
-    device_and_budget,
-    device_responds,
-    hold_to_budget,
-    peak_memory,
-)
-from service.runtime.placement import Placement, PlanError, plan_placement
-from service.runtime.prompts import PromptCache
-from service.runtime.render import Renderer
 from service.runtime.result import Result
-from service.runtime.turns import DeviceTurns
 from service.schema import GenerationRequest, ImageRequest, Limits, WorkItem
 from service.settings import RESOLUTION_BUCKETS, settings
 
 SETTINGS = settings()
 API_KEYS = SETTINGS.accepted_keys()
-COMPONENTS = ("transformer", "text_encoder_2", "text_encoder", "vae")
 
 
 def artifact_reference(tag: str, variable: str = "FLUX_ARTIFACT") -> bentoml.models.BentoModel:
@@ -102,23 +82,13 @@ def stop_server(message: str) -> None:
     raise SystemExit(message)
 
 
-def check_card(artifact: bentoml.models.BentoModel, capability: tuple[int, int] | None, dtype) -> None:
-    """Stop at start when this card cannot run the artifact's recipe, naming the recipes it can run."""
-    recipe = read_manifest(Path(artifact.path)).recipe
-    if (reason := refusal(recipe, capability, dtype)) is not None:
-        stop_server(
-            f"{artifact.tag}: {reason}; recipes this card runs in {str(dtype).removeprefix('torch.')}: "
-            f"{', '.join(runnable(capability, dtype))}"
-        )
-
-
 def bucket_api(resolution: int):
     """The batching queue for requests whose larger side is at most `resolution` (and above the last)."""
 
     def generate(self, items: list[WorkItem]) -> list[Result]:
-        with self.turns.turn(resolution):
+        with self.engine.turns.turn(resolution):
             BATCHES.labels(protocols="+".join(sorted({item.protocol for item in items}))).inc()
-            return self.renderer.render(items)
+            return self.engine.renderer.render(items)
 
     generate.__name__ = generate.__qualname__ = f"generate_{resolution}"
     return bentoml.api(
@@ -147,139 +117,47 @@ class FluxWorker:
     artifact = ARTIFACT
 
     def __init__(self) -> None:
-        self.device, budget = device_and_budget(SETTINGS.gpu_memory_gb)
-        self.capability = capability_of(self.device, SETTINGS.capability)
-        self.dtype = choose_dtype(SETTINGS.compute_dtype, self.capability)
-        check_card(self.artifact, self.capability, self.dtype)
-        pipe, self.manifest = load_pipeline(Path(self.artifact.path), dtype=self.dtype)
-        if SETTINGS.compile == "blocks" and self.manifest.recipe not in COMPILED_RECIPES:
-            stop_server(
-                f"FLUX_COMPILE=blocks: {self.artifact.tag} is {self.manifest.recipe}, and only "
-                f"{', '.join(COMPILED_RECIPES)} blocks are compiled; unset FLUX_COMPILE or serve one of those"
-            )
-        weights = {name: module_bytes(getattr(pipe, name)) for name in COMPONENTS}  # in the compute dtype
-        lora_bytes = SETTINGS.lora_cache_mb * 2**20
-        try:
-            self.plan = plan_placement(
-                weights, budget, SETTINGS.max_resolution, SETTINGS.max_batch_size, reserved_bytes=lora_bytes
-            )
-        except PlanError as error:
-            stop_server(f"{self.artifact.tag}: {error}")
-        logger.info("placement for %s: %s", self.artifact.tag, self.plan.describe())
-        hold_to_budget(self.device, budget)
-        self.cache = PromptCache(
-            self.manifest.hash_of("text_encoder", "text_encoder_2"), SETTINGS.prompt_cache_mb * 1024**2
-        )
-        self.board = Board()
-        self.turns = DeviceTurns({bucket: SETTINGS.latency_ms(bucket) / 1000 for bucket in RESOLUTION_BUCKETS})
-        self.architecture = architecture_id(
-            json.loads((Path(self.artifact.path) / "transformer" / "config.json").read_text())
-        )
-        self.adapters = AdapterCache(
-            partial(lora_folder, self.architecture),
-            partial(lora_names, self.architecture),
-            lora_bytes,
-            self.device,
-            pipe.transformer.dtype,
-        )
-        self.renderer = Renderer(
-            pipe, Placement(self.plan, self.device), self.cache, self.board, self.adapters, SETTINGS.step_cache
-        )
-        side = min(SETTINGS.warmup_size, SETTINGS.max_resolution)
-        warm_up = WorkItem(prompt="warm-up", width=side, height=side, steps=SETTINGS.warmup_steps)
-        self.renderer.render([warm_up])
-        self.compile_s = self._compile(warm_up) if SETTINGS.compile == "blocks" else None
-        logger.info(
-            "serving %s (%s, %s, %s: %s)",
-            self.artifact.tag,
-            self.manifest.recipe,
-            self.device,
-            str(self.dtype).removeprefix("torch."),
-            self.kernels,
-        )
+        from service.runtime.engine import CannotServe, Engine  # torch and diffusers: in this process only
 
-    def _compile(self, warm_up: WorkItem) -> float:
-        """FLUX_COMPILE=blocks: compile the repeated blocks, warmed up once (one row runs as two: every batch
-        runs the same code); the seconds it added to the start."""
-        seconds = self.renderer.compile_blocks([[warm_up]])
-        logger.info("compiled the transformer's blocks in %.1f s", seconds)
-        return seconds
+        try:
+            self.engine = Engine(SETTINGS, Path(self.artifact.path), str(self.artifact.tag), lora_folder, lora_names)
+        except CannotServe as error:
+            stop_server(str(error))
 
     @bentoml.on_startup
     async def drain_on_sigterm(self) -> None:
         """Finish what the fronts have sent (they send nothing new once draining), then stop."""
         DRAIN.install(busy=lambda: DRAIN.in_flight > 0, grace_s=SETTINGS.shutdown_grace_s, quiet_s=1.0)
 
-    @property
-    def kernels(self) -> str:
-        return kernel_note(self.manifest.recipe, self.capability, self.dtype)
-
     generate_512, generate_768, generate_1024, generate_1536, generate_2048 = map(bucket_api, RESOLUTION_BUCKETS)
 
     @bentoml.api
     async def limits(self) -> Limits:
+        manifest = self.engine.manifest
         return Limits(
             max_side=SETTINGS.max_resolution,
-            max_batch=self.plan.max_batch,
-            variant=self.manifest.variant,
-            t5_tokens=self.manifest.t5_tokens,
+            max_batch=self.engine.plan.max_batch,
+            variant=manifest.variant,
+            t5_tokens=manifest.t5_tokens,
             model=str(self.artifact.tag),
         )
 
     @bentoml.api
     async def progress(self, request_id: str) -> int:
-        return self.board.progress(request_id)
+        return self.engine.board.progress(request_id)
 
     @bentoml.api
     async def cancel(self, request_id: str) -> None:
-        self.board.cancel(request_id)
+        self.engine.board.cancel(request_id)
 
     @bentoml.api
     async def alive(self) -> bool:
-        return await asyncio.wait_for(asyncio.to_thread(device_responds, self.device), SETTINGS.liveness_timeout_s)
+        return await asyncio.wait_for(asyncio.to_thread(self.engine.responds), SETTINGS.liveness_timeout_s)
 
     @bentoml.api
     async def info(self) -> dict:
         """Async, so it answers while a batch runs in the worker's thread."""
-        cache = {
-            "entries": len(self.cache.entries),
-            "bytes": self.cache.bytes,
-            "hits": self.cache.hits,
-            "misses": self.cache.misses,
-        }
-        loras = {
-            "architecture": self.architecture,
-            "available": lora_names(self.architecture),
-            "cached": len(self.adapters.entries),
-            "cache_bytes": self.adapters.bytes,
-            "cache_limit_bytes": self.adapters.max_bytes,
-        }
-        variant = self.manifest.served_variant
-        card = {
-            "capability": ".".join(map(str, self.capability)) if self.capability else None,
-            "compute_dtype": str(self.dtype).removeprefix("torch."),
-            "kernels": self.kernels,
-            "peak_memory_bytes": peak_memory(self.device),
-        }
-        return {
-            "artifact": str(self.artifact.tag),
-            "device": str(self.device),
-            "card": card,
-            "placement": self.plan.describe(),
-            "max_side": SETTINGS.max_resolution,
-            "prompt_cache": cache,
-            "loras": loras,
-            "step_cache": {"default": SETTINGS.step_cache, "thresholds": THRESHOLDS},
-            "compiled_blocks": {"enabled": self.compile_s is not None, "compile_seconds": self.compile_s},
-            "defaults": {
-                "steps": variant.steps,
-                "guidance": variant.guidance,
-                "max_steps": variant.max_steps,
-                "takes_guidance": variant.takes_guidance,
-                "t5_tokens": variant.max_sequence_length,
-            },
-            **self.manifest.model_dump(exclude={"files"}),
-        }
+        return self.engine.info()
 
 
 def http_answer(ctx: bentoml.Context, outcome: str, message: str, rid: str, field: str | None = None) -> JSONResponse:

@@ -12,6 +12,11 @@ from service.schema import CachePolicy
 RESOLUTION_BUCKETS = (512, 768, 1024, 1536, 2048)  # one batching queue each; a request joins the smallest that holds it
 
 
+def bucket_of(side: int) -> int:
+    """The batching queue (resolution bucket) a side of `side` pixels belongs to."""
+    return next((bucket for bucket in RESOLUTION_BUCKETS if bucket >= side), RESOLUTION_BUCKETS[-1])
+
+
 class Settings(BaseSettings):
     """Every FLUX_* variable the service reads; a bad value stops start-up with the variable's name."""
 

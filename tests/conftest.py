@@ -27,6 +27,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from models.architecture import PRESETS, build_pipeline  # noqa: E402
 from models.single_file import original_layout_shapes  # noqa: E402
+from quantize.__main__ import main as quantize_main  # noqa: E402
 from service.launcher import free_port  # noqa: E402,F401 - tests import it from here
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,8 +45,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def run_cli(main: Callable[[list[str]], int], *args: str) -> subprocess.CompletedProcess:
-    """A command's `main` called in this process, its output and exit status as `run_module` returns them:
-    for refusals that end before any work, an interpreter start and its imports (seconds each) saved."""
+    """A command's `main` called in this process, its output and exit status as `run_module` returns them: an
+    interpreter start and its imports (seconds each) saved, for refusals and for fixtures that quantize or add
+    an adapter (the command itself is tested as users run it, `python -m quantize`, in test_quantize_cli)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -85,8 +87,8 @@ def tiny_tag(tiny_source):
 
     def quantize(recipe: str) -> str:
         if recipe not in tags:
-            result = run_module(
-                "quantize",
+            result = run_cli(
+                quantize_main,
                 str(tiny_source),
                 "--recipe",
                 recipe,

@@ -30,13 +30,13 @@ from service.runtime.blocks import Rows
 from service.runtime.placement import Placement
 from service.runtime.render import Renderer
 from service.schema import GenerationRequest, LoraWeight, WorkItem
-from tests.conftest import free_port, private_home, run_module
+from tests.conftest import free_port, private_home, quantize_main, run_cli, run_module
 
 SMALL = dict(width=128, height=128, steps=2)
 
 
 def add(file: Path, name: str, base: str, *options: str):
-    return run_module("quantize", "lora", "add", str(file), "--name", name, "--base", base, *options)
+    return run_cli(quantize_main, "lora", "add", str(file), "--name", name, "--base", base, *options)
 
 
 def stored(name: str) -> Path:

@@ -3,6 +3,7 @@
 import io
 import os
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import bentoml
@@ -186,3 +187,19 @@ def test_unknown_artifact_stops_the_server_with_a_clear_error():
     )
     assert result.returncode != 0
     assert "FLUX_ARTIFACT='no-such:v1': no such model in the BentoML store" in result.stderr
+
+
+def test_only_the_worker_loads_torch_and_diffusers(tiny_int8_tag):
+    """`bentoml serve` imports the service module in the arbiter and in the front's process too: there it
+    must stay light (a second or so), as every server start and `bentoml build` waits on it."""
+    probe = "import sys, service.service; print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "FLUX_ARTIFACT": tiny_int8_tag},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout

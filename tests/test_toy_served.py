@@ -20,7 +20,7 @@ from models.toy.checker import adherence
 from models.toy.scenes import held_out_prompts
 from service.launcher import running_server
 from service.pictures import png
-from tests.conftest import free_port, private_home, run_module
+from tests.conftest import free_port, private_home, quantize_main, run_cli, run_module
 from tests.test_images_in import REFUSED, b64
 
 JSON = {"Content-Type": "application/json"}
@@ -40,7 +40,7 @@ SIZE = {"width": 64, "height": 64}
 
 
 def quantize(folder, *options: str):
-    return run_module("quantize", str(folder), "--recipe", "int8", *options)
+    return run_cli(quantize_main, str(folder), "--recipe", "int8", *options)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,15 @@ def toy_server(tmp_path_factory):
     assert "adherence: the checker finds" in result.stdout
     tag = result.stdout.strip().splitlines()[-1]
     for style in ("outlined", "pastel"):
-        added = run_module(
-            "quantize", "lora", "add", str(TRAINED / "loras" / f"{style}.safetensors"), "--name", style, "--base", tag
+        added = run_cli(
+            quantize_main,
+            "lora",
+            "add",
+            str(TRAINED / "loras" / f"{style}.safetensors"),
+            "--name",
+            style,
+            "--base",
+            tag,
         )
         assert added.returncode == 0, added.stderr
     env = {

@@ -10,14 +10,15 @@ import httpx
 import pytest
 import torch
 
-from models.architecture import VARIANTS, build_pipeline
+from models.architecture import build_pipeline
 from models.artifact import load_pipeline
+from models.variants import VARIANTS
 from service.client import FluxGrpcClient
 from service.launcher import running_server
 from service.runtime.placement import Placement
 from service.runtime.render import Renderer
 from service.schema import GenerationRequest, WorkItem
-from tests.conftest import free_port, private_home, run_module
+from tests.conftest import free_port, private_home, quantize_main, run_cli
 
 SMALL = {"width": 128, "height": 128}
 
@@ -26,7 +27,7 @@ SMALL = {"width": 128, "height": 128}
 def schnell_tag(tmp_path_factory) -> str:
     source = tmp_path_factory.mktemp("checkpoints") / "flux-tiny-schnell"
     build_pipeline("tiny-schnell").save_pretrained(source)
-    result = run_module("quantize", str(source), "--recipe", "int8", "--validation-size", "64")
+    result = run_cli(quantize_main, str(source), "--recipe", "int8", "--validation-size", "64")
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()[-1]
 

@@ -159,10 +159,5 @@ class Placement:
         fitting = [r for r in sorted(self.plan.max_batch) if r >= resolution]
         return self.plan.max_batch[fitting[0]] if fitting else 1
 
-    @staticmethod
-    def bucket(resolution: int) -> int:
-        """The batching queue (resolution bucket) a side of `resolution` pixels belongs to."""
-        return next((r for r in RESOLUTIONS if r >= resolution), RESOLUTIONS[-1])
-
     def decode_tiled(self, resolution: int) -> bool:
         return self.plan.vae_tiling_above is not None and resolution >= self.plan.vae_tiling_above

@@ -33,6 +33,7 @@ from service.runtime.placement import Placement
 from service.runtime.prompts import PromptCache, cached_embeddings, encode_missing, stack
 from service.runtime.result import Result, Status, failure
 from service.schema import CachePolicy, WorkItem, with_defaults
+from service.settings import bucket_of
 
 
 def group_by_shape(items: list[WorkItem]) -> dict[tuple, list[int]]:
@@ -155,7 +156,7 @@ class Renderer:
         height, width, steps, guidance = group[0].shape
         self.denoiser.schedule(steps, height, width, self.placement.device)
         ids = [item.request_id for item in group]
-        clock, started = Stopwatch(self.placement.bucket(group[0].side)), time.perf_counter()
+        clock, started = Stopwatch(bucket_of(group[0].side)), time.perf_counter()
         queue_ms = {item.request_id: 1000 * max(0.0, time.time() - item.arrived) for item in group if item.arrived}
         for seconds in queue_ms.values():
             STAGE_SECONDS.labels(stage="queue_wait", bucket=clock.bucket).observe(seconds / 1000)
