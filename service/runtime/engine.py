@@ -6,6 +6,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from diffusers import FluxPipeline
+
 from models.artifact import load_pipeline, read_manifest
 from models.kernels import choose_dtype, kernel_note, refusal, runnable
 from models.lora import architecture_id
@@ -15,7 +17,7 @@ from service.runtime.adapters import AdapterCache
 from service.runtime.blocks import COMPILED_RECIPES, THRESHOLDS
 from service.runtime.board import Board
 from service.runtime.device import capability_of, device_and_budget, device_responds, hold_to_budget, peak_memory
-from service.runtime.placement import Placement, PlanError, plan_placement
+from service.runtime.placement import Placement, Plan, PlanError, plan_placement
 from service.runtime.prompts import PromptCache
 from service.runtime.render import Renderer
 from service.runtime.turns import DeviceTurns
@@ -44,27 +46,15 @@ class Engine:
         self.device, budget = device_and_budget(settings.gpu_memory_gb)
         self.capability = capability_of(self.device, settings.capability)
         self.dtype = choose_dtype(settings.compute_dtype, self.capability)
-        recipe = read_manifest(folder).recipe
-        if (reason := refusal(recipe, self.capability, self.dtype)) is not None:
-            raise CannotServe(
-                f"{tag}: {reason}; recipes this card runs in {self.dtype_name}: "
-                f"{', '.join(runnable(self.capability, self.dtype))}"
-            )
+        self._check_card(read_manifest(folder).recipe)
         pipe, self.manifest = load_pipeline(folder, dtype=self.dtype)
         if settings.compile == "blocks" and self.manifest.recipe not in COMPILED_RECIPES:
             raise CannotServe(
                 f"FLUX_COMPILE=blocks: {tag} is {self.manifest.recipe}, and only {', '.join(COMPILED_RECIPES)} "
                 "blocks are compiled; unset FLUX_COMPILE or serve one of those"
             )
-        weights = {name: module_bytes(getattr(pipe, name)) for name in COMPONENTS}  # in the compute dtype
         lora_bytes = settings.lora_cache_mb * 2**20
-        try:
-            self.plan = plan_placement(
-                weights, budget, settings.max_resolution, settings.max_batch_size, reserved_bytes=lora_bytes
-            )
-        except PlanError as error:
-            raise CannotServe(f"{tag}: {error}") from None
-        logger.info("placement for %s: %s", tag, self.plan.describe())
+        self.plan = self._plan(pipe, budget, lora_bytes)
         hold_to_budget(self.device, budget)
         self.cache = PromptCache(
             self.manifest.hash_of("text_encoder", "text_encoder_2"), settings.prompt_cache_mb * 2**20
@@ -83,11 +73,37 @@ class Engine:
         self.renderer = Renderer(
             pipe, Placement(self.plan, self.device), self.cache, self.board, self.adapters, settings.step_cache
         )
-        side = min(settings.warmup_size, settings.max_resolution)
-        warm_up = WorkItem(prompt="warm-up", width=side, height=side, steps=settings.warmup_steps)
-        self.renderer.render([warm_up])
-        self.compile_s = self._compile(warm_up) if settings.compile == "blocks" else None
+        self.compile_s = self._warm_up()
+        recipe = self.manifest.recipe
         logger.info("serving %s (%s, %s, %s: %s)", tag, recipe, self.device, self.dtype_name, self.kernels)
+
+    def _check_card(self, recipe: str) -> None:
+        """Refuse before loading a recipe this card cannot run, naming the recipes it can."""
+        if (reason := refusal(recipe, self.capability, self.dtype)) is not None:
+            raise CannotServe(
+                f"{self.tag}: {reason}; recipes this card runs in {self.dtype_name}: "
+                f"{', '.join(runnable(self.capability, self.dtype))}"
+            )
+
+    def _plan(self, pipe: FluxPipeline, budget: int, lora_bytes: int) -> Plan:
+        """The placement plan for these weights (in the compute dtype) within `budget`."""
+        weights = {name: module_bytes(getattr(pipe, name)) for name in COMPONENTS}
+        try:
+            plan = plan_placement(
+                weights, budget, self.settings.max_resolution, self.settings.max_batch_size, reserved_bytes=lora_bytes
+            )
+        except PlanError as error:
+            raise CannotServe(f"{self.tag}: {error}") from None
+        logger.info("placement for %s: %s", self.tag, plan.describe())
+        return plan
+
+    def _warm_up(self) -> float | None:
+        """One render at the warm-up size, then, with FLUX_COMPILE=blocks, the compiled blocks: the seconds
+        compiling added to the start (None when not compiled)."""
+        side = min(self.settings.warmup_size, self.settings.max_resolution)
+        warm_up = WorkItem(prompt="warm-up", width=side, height=side, steps=self.settings.warmup_steps)
+        self.renderer.render([warm_up])
+        return self._compile(warm_up) if self.settings.compile == "blocks" else None
 
     def _compile(self, warm_up: WorkItem) -> float:
         """FLUX_COMPILE=blocks: compile the repeated blocks, warmed up once (one row runs as two: every batch
